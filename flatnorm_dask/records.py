@@ -1,0 +1,196 @@
+"""The reference task's ``run()`` without the LSST stack: records and data ids <-> matrices <-> scales dict.
+
+``normalize`` takes per-(detector, exposure) statistic records (mappings such as a PropertyList read by
+:mod:`flatnorm_dask.formats`) with their data ids and returns the ``cpFlatNormScales`` structure the LSST flat
+combination consumes.  Unlike the reference, amplifier rows are ``det * nAmp + amp`` on the way in and on the
+way out, and a non-finite statistic masks its cell instead of corrupting a weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .solver import measure_scales
+
+__all__ = ["LEVELS", "normalize", "records_to_matrices", "scales_dict"]
+
+LEVELS = ("DETECTOR", "AMP")
+
+
+def check_level(level: str) -> str:
+    """Normalise a scaling level name, refusing unknown ones."""
+    upper = str(level).upper()
+    if upper not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    return upper
+
+
+def _amp_names_of(record: Mapping[str, Any], where: str) -> list[str]:
+    names = []
+    while f"AMP_NAME_{len(names)}" in record:
+        names.append(str(record[f"AMP_NAME_{len(names)}"]))
+    if not names:
+        raise KeyError(f"{where}: no amplifier names (AMP_NAME_0 missing)")
+    return names
+
+
+def _get(record: Mapping[str, Any], key: str, where: str) -> float:
+    try:
+        return float(record[key])
+    except KeyError:
+        raise KeyError(f"{where}: statistic {key} missing") from None
+    except (TypeError, ValueError):
+        raise KeyError(f"{where}: statistic {key} is not a number: {record[key]!r}") from None
+
+
+def records_to_matrices(
+    records: Sequence[Mapping[str, Any]],
+    dims: Sequence[Mapping[str, Any]],
+    level: str = "DETECTOR",
+    camera: Any = None,
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int], list[str]]:
+    """Fill the statistic and weight matrices from records and their data ids.
+
+    Returns
+    -------
+    values, counts : ndarray, (nRows, nExposures)
+        Rows are detectors (DETECTOR level) or ``det * nAmp + amp`` (AMP level).  Cells without a record
+        are NaN with weight 0.
+    exposures, detectors : list of int
+        Sorted ids labelling the columns and the detectors.
+    amp_names : list of str
+        Amplifier names (from ``camera`` when given, else from the first record).
+    """
+    level = check_level(level)
+    if len(records) != len(dims):
+        raise ValueError(f"{len(records)} records but {len(dims)} data ids")
+    ids = []
+    for i, dim in enumerate(dims):
+        try:
+            ids.append((int(dim["exposure"]), int(dim["detector"])))
+        except KeyError as err:
+            raise KeyError(f"data id {i} ({dict(dim)}): dimension {err.args[0]!r} missing") from None
+    exposures = sorted({e for e, _ in ids})
+    detectors = sorted({d for _, d in ids})
+    exp_index = {e: i for i, e in enumerate(exposures)}
+    det_index = {d: i for i, d in enumerate(detectors)}
+
+    if not records:
+        raise ValueError("no records to normalise")
+    # The output lists every amplifier of every detector, so names are needed at both levels.
+    if camera is not None:
+        amp_names = [str(a) for a in camera.amp_names]
+    else:
+        amp_names = _amp_names_of(records[0], f"record 0 (exposure {ids[0][0]}, detector {ids[0][1]})")
+    n_amp = len(amp_names)
+    n_rows = len(detectors) * (n_amp if level == "AMP" else 1)
+    values = np.full((n_rows, len(exposures)), np.nan)
+    counts = np.zeros((n_rows, len(exposures)))
+    seen: dict[tuple[int, int], int] = {}
+    for i, (record, (exp, det)) in enumerate(zip(records, ids)):
+        where = f"record {i} (exposure {exp}, detector {det})"
+        if (exp, det) in seen:
+            raise ValueError(f"{where}: duplicate of record {seen[exp, det]}")
+        seen[exp, det] = i
+        col = exp_index[exp]
+        if level == "DETECTOR":
+            cells = [(det_index[det], "DETECTOR_MEDIAN", "DETECTOR_N")]
+        else:
+            names = _amp_names_of(record, where)
+            if names != amp_names:
+                raise KeyError(f"{where}: amplifier names {names} differ from {amp_names}")
+            base = det_index[det] * n_amp
+            cells = [(base + a, f"AMP_MEDIAN_{a}", f"AMP_N_{a}") for a in range(n_amp)]
+        for row, value_key, count_key in cells:
+            values[row, col] = _get(record, value_key, where)
+            counts[row, col] = _get(record, count_key, where)
+    return values, counts, exposures, detectors, amp_names
+
+
+def scales_dict(
+    exposure: Sequence[int],
+    detector: Sequence[int],
+    amp_names: Sequence[str],
+    exp_scale: np.ndarray,
+    det_scale: np.ndarray,
+) -> dict[str, dict]:
+    """The ``cpFlatNormScales`` structure from scale vectors.
+
+    Parameters
+    ----------
+    exposure, detector : sequence of int
+        Ids labelling ``exp_scale`` and the first axis of ``det_scale``.
+    amp_names : sequence of str
+        Amplifier names; also the second axis of ``det_scale`` at amplifier level.
+    exp_scale : array, (nExposures,)
+        E per exposure.
+    det_scale : array, (nDetectors,) or (nDetectors, nAmps)
+        G per detector (detector level) or per amplifier (amplifier level).
+
+    Returns
+    -------
+    dict
+        ``{"expScale": {det: {amp: {exp: E}}}, "detScale": {det: G}}``, or ``{det: {amp: G}}`` for
+        ``detScale`` at amplifier level; plain Python ints, strs and floats.
+    """
+    exposure = [int(e) for e in exposure]
+    exp_scale = [float(v) for v in np.asarray(exp_scale, dtype=float)]
+    det_scale = np.asarray(det_scale, dtype=float)
+    per_exposure = dict(zip(exposure, exp_scale))
+    exp_out = {int(d): {str(a): dict(per_exposure) for a in amp_names} for d in detector}
+    if det_scale.ndim == 1:
+        det_out: dict = {int(d): float(g) for d, g in zip(detector, det_scale)}
+    else:
+        det_out = {int(d): {str(a): float(g) for a, g in zip(amp_names, row)}
+                   for d, row in zip(detector, det_scale)}
+    return {"expScale": exp_out, "detScale": det_out}
+
+
+def normalize(
+    records: Sequence[Mapping[str, Any]],
+    dims: Sequence[Mapping[str, Any]],
+    level: str = "DETECTOR",
+    camera: Any = None,
+    iterations: int = 10,
+    **solver_options: Any,
+) -> dict[str, dict]:
+    """Normalise flat exposures to a consistent level: the reference task's ``run``.
+
+    Parameters
+    ----------
+    records : sequence of mapping
+        Per-(exposure, detector) statistics with ``DETECTOR_MEDIAN``, ``DETECTOR_N``, ``AMP_NAME_i``,
+        ``AMP_MEDIAN_i`` and ``AMP_N_i``.
+    dims : sequence of mapping
+        The matching data ids, each with ``exposure`` and ``detector``.
+    level : {"DETECTOR", "AMP"}
+        Fit one G per detector or one per amplifier.
+    camera : Camera, optional
+        Supplies the amplifier names (``camera.amp_names``); taken from the records otherwise.
+    iterations : int, optional
+        Fixed iteration count (the reference's ``scaleMaxIter``, 10).
+    **solver_options
+        Passed to :func:`flatnorm_dask.measure_scales` (e.g. ``tol``, ``max_iter``).
+
+    Returns
+    -------
+    dict
+        ``{"expScale": {det: {ampName: {exp: float}}}, "detScale": {det: float}}`` at detector level, with
+        ``detScale`` ``{det: {ampName: float}}`` at amplifier level.
+
+    Raises
+    ------
+    KeyError
+        A data id lacks ``exposure`` or ``detector``, or a record lacks a statistic; the message names the
+        missing key and the record.
+    """
+    level = check_level(level)
+    values, counts, exposures, detectors, amp_names = records_to_matrices(records, dims, level, camera)
+    if level == "AMP":
+        values = values.reshape(len(detectors), len(amp_names), len(exposures))
+        counts = counts.reshape(values.shape)
+    fit = measure_scales(values, counts, iterations, **solver_options)
+    return scales_dict(exposures, detectors, amp_names, fit.vectorE, fit.vectorG)

@@ -1,0 +1,288 @@
+"""The decomposition against independent loop implementations, on numpy, dask and a LocalCluster."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flatnorm_dask import measure_scales
+
+
+def reference_loop(b, w, iterations=10):
+    """The documented algorithm written plainly, one np.average per row or column (finite data only)."""
+    n_rows, n_exp = b.shape
+    log_b = np.log(b)
+    log_g = np.zeros(n_rows)
+    log_e = np.array([np.average(log_b[:, j] - log_g, weights=w[:, j]) for j in range(n_exp)])
+    for _ in range(iterations):
+        log_g = np.array([np.average(log_b[i, :] - log_e, weights=w[i, :]) for i in range(n_rows)])
+        log_e = np.array([np.average(log_b[:, j] - log_g, weights=w[:, j]) for j in range(n_exp)])
+        flux = np.average(np.exp(log_g), weights=w.sum(axis=1))
+        log_g = log_g - np.log(flux)
+    log_e = np.array([np.average(log_b[:, j] - log_g, weights=w[:, j]) for j in range(n_exp)])
+    return np.exp(log_e), np.exp(log_g)
+
+
+def masked_loop(b, w, iterations=10):
+    """The same scheme where a bad cell leaves numerator and denominator (lists of good cells only)."""
+    n_rows, n_exp = b.shape
+    good = np.isfinite(b) & (b > 0) & np.isfinite(w) & (w > 0)
+
+    def mean(cells):
+        vals = [v for v, _ in cells]
+        wts = [x for _, x in cells]
+        return sum(v * x for v, x in zip(vals, wts)) / sum(wts) if wts else np.nan
+
+    log_g = [0.0] * n_rows
+    log_e = [mean([(np.log(b[i, j]) - log_g[i], w[i, j]) for i in range(n_rows) if good[i, j]])
+             for j in range(n_exp)]
+    for _ in range(iterations):
+        log_g = [mean([(np.log(b[i, j]) - log_e[j], w[i, j]) for j in range(n_exp) if good[i, j]])
+                 for i in range(n_rows)]
+        known = [g for g in log_g if not np.isnan(g)]
+        fill = sum(known) / len(known)
+        log_g = [fill if np.isnan(g) else g for g in log_g]
+        log_e = [mean([(np.log(b[i, j]) - log_g[i], w[i, j]) for i in range(n_rows) if good[i, j]])
+                 for j in range(n_exp)]
+        row_w = [sum(w[i, j] for j in range(n_exp) if good[i, j]) for i in range(n_rows)]
+        flux = sum(rw * np.exp(g) for rw, g in zip(row_w, log_g)) / sum(row_w)
+        log_g = [g - np.log(flux) for g in log_g]
+    log_e = [mean([(np.log(b[i, j]) - log_g[i], w[i, j]) for i in range(n_rows) if good[i, j]])
+             for j in range(n_exp)]
+    return np.exp(log_e), np.exp(log_g)
+
+
+def simulate(n_rows=40, n_exp=12, noise=1e-3, seed=0):
+    rng = np.random.default_rng(seed)
+    e = rng.uniform(1e4, 4e4, n_exp)
+    g = rng.uniform(0.7, 1.3, n_rows)
+    b = np.outer(g, e) * np.exp(rng.normal(0, noise, (n_rows, n_exp)))
+    w = rng.integers(500_000, 1_000_000, (n_rows, n_exp)).astype(float)
+    return b, w, e, g
+
+
+def test_parity_with_reference_on_finite_data():
+    b, w, *_ = simulate(n_rows=60, n_exp=25, noise=0.02)
+    e_ref, g_ref = reference_loop(b, w)
+    fit = measure_scales(b, w)
+    np.testing.assert_allclose(fit.vectorE, e_ref, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(fit.vectorG, g_ref, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(fit.bgModel, np.outer(g_ref, e_ref), rtol=1e-12)
+    assert fit.iterations == 10
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_parity_other_iteration_counts_and_no_weights(iterations):
+    b, _, *_ = simulate(seed=3, noise=0.05)
+    e_ref, g_ref = reference_loop(b, np.ones_like(b), iterations)
+    fit = measure_scales(b, iterations=iterations)
+    np.testing.assert_allclose(fit.vectorE, e_ref, rtol=1e-12)
+    np.testing.assert_allclose(fit.vectorG, g_ref, rtol=1e-12)
+
+
+def test_bad_cells_leave_numerator_and_denominator():
+    b, w, *_ = simulate(n_rows=15, n_exp=9, noise=0.01, seed=5)
+    b[2, 3] = np.nan
+    b[4, 1] = -5.0
+    b[5, 5] = 0.0
+    b[6, 0] = np.inf
+    w[7, 2] = 0.0
+    w[8, 8] = np.nan
+    b[11, :] = np.nan  # a dead detector
+    fit = measure_scales(b, w)
+    e_exp, g_exp = masked_loop(b, w)
+    np.testing.assert_allclose(fit.vectorE, e_exp, rtol=1e-12)
+    np.testing.assert_allclose(fit.vectorG, g_exp, rtol=1e-12)
+    assert fit.filled_rows.tolist() == [i == 11 for i in range(15)]
+    assert not fit.empty_exposures.any()
+    assert not fit.used[2, 3] and not fit.used[7, 2] and fit.used[0, 0]
+    assert fit.used.sum() == b.size - 6 - 9
+
+
+def test_bad_cells_do_not_bias_neighbours():
+    """With exact data, masking some cells must still recover the truth exactly (the reference does not)."""
+    b, w, e, g = simulate(noise=0.0, seed=2)
+    b[3, 4] = np.nan
+    w[5, 6] = 0.0
+    fit = measure_scales(b, w, tol=1e-14, max_iter=500)
+    ratio = fit.vectorE / e
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-10)
+    np.testing.assert_allclose(fit.vectorG * ratio[0], g, rtol=1e-10)
+
+
+def test_empty_exposure_gets_nan_and_is_reported():
+    b, w, *_ = simulate(n_rows=10, n_exp=6, seed=9)
+    b[:, 2] = np.nan
+    fit = measure_scales(b, w)
+    assert np.isnan(fit.vectorE[2]) and np.isfinite(np.delete(fit.vectorE, 2)).all()
+    assert fit.empty_exposures.tolist() == [False, False, True, False, False, False]
+    assert np.isnan(fit.bgModel[:, 2]).all()
+    e_exp, g_exp = masked_loop(np.delete(b, 2, axis=1), np.delete(w, 2, axis=1))
+    np.testing.assert_allclose(np.delete(fit.vectorE, 2), e_exp, rtol=1e-12)
+    np.testing.assert_allclose(fit.vectorG, g_exp, rtol=1e-12)
+
+
+def test_no_usable_cell_is_an_error():
+    with pytest.raises(ValueError, match="no usable cell"):
+        measure_scales(np.full((3, 4), np.nan))
+
+
+def test_bad_arguments():
+    b, w, *_ = simulate()
+    with pytest.raises(ValueError, match="shape"):
+        measure_scales(b, w[:, :3])
+    with pytest.raises(ValueError, match="tol must be positive"):
+        measure_scales(b, w, tol=0)
+    with pytest.raises(ValueError, match="iterations"):
+        measure_scales(b, w, iterations=-1)
+
+
+def test_convergence_mode_stops_at_tolerance():
+    b, w, *_ = simulate(noise=0.05, seed=4)
+    fit = measure_scales(b, w, tol=1e-11)
+    assert fit.converged and fit.max_change < 1e-11
+    assert 1 < fit.iterations < 100
+    assert fit.history[-2] >= 1e-11  # it did not stop early
+    capped = measure_scales(b, w, tol=1e-15, max_iter=2)
+    assert capped.iterations == 2 and not capped.converged
+
+
+def test_residual_scatter_matches_direct_computation():
+    b, w, *_ = simulate(noise=0.01, seed=8)
+    fit = measure_scales(b, w)
+    resid = np.log(b / np.outer(fit.vectorG, fit.vectorE))
+    assert fit.residual_scatter == pytest.approx(np.sqrt(np.sum(w * resid**2) / w.sum()), rel=1e-9)
+    assert 0.005 < fit.residual_scatter < 0.02
+
+
+def test_amplifier_rows_are_det_times_namp_plus_amp():
+    b, w, *_ = simulate(n_rows=5 * 4, n_exp=7, seed=6)
+    flat = measure_scales(b, w)
+    cube = measure_scales(b.reshape(5, 4, 7), w.reshape(5, 4, 7))
+    assert cube.vectorG.shape == (5, 4)
+    np.testing.assert_allclose(cube.vectorG[3, 2], flat.vectorG[3 * 4 + 2], rtol=1e-13)
+    np.testing.assert_allclose(cube.bgModel.reshape(20, 7), flat.bgModel, rtol=1e-13)
+
+
+def test_dask_matches_numpy_and_model_stays_lazy():
+    b, w, *_ = simulate(n_rows=64, n_exp=30, seed=1, noise=0.02)
+    b[3, 3] = np.nan
+    ref = measure_scales(b, w)
+    lazy = measure_scales(da.from_array(b, chunks=(16, 7)), da.from_array(w, chunks=(16, 7)))
+    assert isinstance(lazy.bgModel, da.Array) and isinstance(lazy.used, da.Array)
+    np.testing.assert_allclose(lazy.vectorE, ref.vectorE, rtol=1e-12)
+    np.testing.assert_allclose(lazy.vectorG, ref.vectorG, rtol=1e-12)
+    np.testing.assert_allclose(lazy.bgModel.compute(), ref.bgModel, rtol=1e-12)
+    assert lazy.residual_scatter == pytest.approx(ref.residual_scatter, rel=1e-10)
+
+
+def test_dask_cube_with_chunked_amp_axis():
+    b, w, *_ = simulate(n_rows=6 * 8, n_exp=10, seed=11)
+    ref = measure_scales(b.reshape(6, 8, 10), w.reshape(6, 8, 10))
+    lazy = measure_scales(da.from_array(b.reshape(6, 8, 10), chunks=(2, 3, 4)),
+                          da.from_array(w.reshape(6, 8, 10), chunks=(2, 3, 4)))
+    np.testing.assert_allclose(lazy.vectorG, ref.vectorG, rtol=1e-12)
+    np.testing.assert_allclose(lazy.bgModel.compute(), ref.bgModel, rtol=1e-12)
+
+
+def test_each_iteration_computes_the_same_small_graph(monkeypatch):
+    """Only vectors come back, and the graph does not grow with the iteration count."""
+    b, w, *_ = simulate(n_rows=32, n_exp=20, seed=12)
+    sizes, returned = [], []
+    real_compute = dask.compute
+
+    def spy(*args, **kwargs):
+        sizes.append(sum(len(a.__dask_graph__()) for a in args if hasattr(a, "__dask_graph__")))
+        out = real_compute(*args, **kwargs)
+        returned.append(max(np.size(o) for o in out))
+        return out
+
+    monkeypatch.setattr(dask, "compute", spy)
+    measure_scales(da.from_array(b, chunks=(8, 5)), da.from_array(w, chunks=(8, 5)), iterations=12)
+    per_iteration = sizes[1:13]  # after the constant sums, before the final E and scatter
+    assert len(set(per_iteration)) == 1
+    assert max(returned) <= max(b.shape)
+
+
+def test_xarray_input_gives_labelled_output():
+    b, w, *_ = simulate(n_rows=4 * 3, n_exp=5, seed=13)
+    coords = {"detector": [10, 11, 12, 13], "amp": ["C0", "C1", "C2"], "exposure": [100, 101, 102, 103, 104]}
+    values = xr.DataArray(b.reshape(4, 3, 5), dims=("detector", "amp", "exposure"), coords=coords)
+    counts = xr.DataArray(w.reshape(4, 3, 5), dims=("detector", "amp", "exposure"), coords=coords)
+    fit = measure_scales(values.transpose("exposure", "detector", "amp"), counts)
+    ref = measure_scales(b.reshape(4, 3, 5), w.reshape(4, 3, 5))
+    assert fit.vectorE.dims == ("exposure",) and fit.vectorE.exposure.values.tolist() == coords["exposure"]
+    assert fit.vectorG.dims == ("detector", "amp")
+    np.testing.assert_allclose(fit.vectorG.sel(detector=12, amp="C1"), ref.vectorG[2, 1], rtol=1e-13)
+    np.testing.assert_allclose(fit.bgModel.values, ref.bgModel, rtol=1e-13)
+
+
+def test_distributed_cluster_gives_same_numbers():
+    distributed = pytest.importorskip("distributed")
+    b, w, *_ = simulate(n_rows=48, n_exp=20, seed=14, noise=0.01)
+    b[1, 1] = np.nan
+    ref = measure_scales(b, w)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        fit = measure_scales(da.from_array(b, chunks=(12, 10)), da.from_array(w, chunks=(12, 10)))
+        model = fit.bgModel.compute()
+    np.testing.assert_allclose(fit.vectorE, ref.vectorE, rtol=1e-12)
+    np.testing.assert_allclose(fit.vectorG, ref.vectorG, rtol=1e-12)
+    np.testing.assert_allclose(model, ref.bgModel, rtol=1e-12)
+
+
+# ---- properties -------------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(2, 12), st.integers(2, 12))
+
+
+@st.composite
+def campaigns(draw):
+    n_rows, n_exp = draw(shapes)
+    seed = draw(st.integers(0, 2**32 - 1))
+    b, w, *_ = simulate(n_rows, n_exp, noise=draw(st.floats(0, 0.1)), seed=seed)
+    return b, w
+
+
+@settings(max_examples=40, deadline=None)
+@given(campaigns(), st.floats(1e-3, 1e3))
+def test_scaling_b_changes_only_e(data, factor):
+    b, w = data
+    base, scaled = measure_scales(b, w), measure_scales(b * factor, w)
+    np.testing.assert_allclose(scaled.vectorG, base.vectorG, rtol=1e-9)
+    np.testing.assert_allclose(scaled.vectorE, base.vectorE * factor, rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(campaigns(), st.randoms(use_true_random=False))
+def test_permutations_permute_outputs(data, rnd):
+    b, w = data
+    rows = np.array(rnd.sample(range(b.shape[0]), b.shape[0]))
+    cols = np.array(rnd.sample(range(b.shape[1]), b.shape[1]))
+    base = measure_scales(b, w)
+    perm = measure_scales(b[rows][:, cols], w[rows][:, cols])
+    np.testing.assert_allclose(perm.vectorG, base.vectorG[rows], rtol=1e-10)
+    np.testing.assert_allclose(perm.vectorE, base.vectorE[cols], rtol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(campaigns())
+def test_g_weighted_mean_is_one(data):
+    b, w = data
+    fit = measure_scales(b, w)
+    assert np.average(fit.vectorG, weights=w.sum(axis=1)) == pytest.approx(1.0, rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(1e-4, 1e-2))
+def test_recovers_known_scales_within_noise(seed, noise):
+    b, w, e, g = simulate(n_rows=50, n_exp=20, noise=noise, seed=seed)
+    fit = measure_scales(b, w, tol=1e-12)
+    g_true = g / np.average(g, weights=w.sum(axis=1))
+    e_true = e * np.average(g, weights=w.sum(axis=1))
+    # Each G averages 20 cells, each E 50: allow 6 sigma of the mean plus the normalisation's own error.
+    np.testing.assert_allclose(fit.vectorG, g_true, rtol=6 * noise / np.sqrt(20) + 2 * noise / np.sqrt(50))
+    np.testing.assert_allclose(fit.vectorE, e_true, rtol=6 * noise / np.sqrt(50) + 2 * noise / np.sqrt(20))

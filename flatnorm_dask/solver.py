@@ -208,6 +208,8 @@ def _solve(values, weights, exclude, iterations, tol, max_iter) -> ScaleResult:
     if filled.all():
         raise ValueError("no usable cell: every value is non-finite or non-positive, or has no weight")
     live_rows = ~filled
+    # NaN instead of 0 in the denominators: part of the division runs in worker tasks, outside any errstate.
+    row_w_safe = np.where(filled, np.nan, row_w)
 
     with np.errstate(invalid="ignore", divide="ignore"):
         def update_e(g_sum):
@@ -219,7 +221,7 @@ def _solve(values, weights, exclude, iterations, tol, max_iter) -> ScaleResult:
         limit = max_iter if tol is not None else iterations
         for _ in range(limit):
             e_known = np.where(empty, 0.0, log_e)  # an empty exposure's column has no weight anyway
-            g_new = (row_wl - w @ e_known) / row_w
+            g_new = (row_wl - w @ e_known) / row_w_safe
             # Rows without weight drop out of W^T g, so the fill below cannot change it: both passes
             # over W go in one graph and one round trip.
             g_new, g_sum = _compute(g_new, w.T @ np.where(live_rows, g_new, 0.0))

@@ -1,0 +1,348 @@
+"""The Zarr store: round trips, the commit marker, refusal and replacement, distributed writes, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+import zarr
+from dask.delayed import Delayed
+
+from flatnorm_dask.store import (
+    COMMIT_ATTR,
+    IncompleteStoreError,
+    StoreError,
+    StoreExistsError,
+    commit_store,
+    export_scales,
+    is_complete,
+    open_store,
+    prepare_store,
+    store_summary,
+    write_groups,
+    write_scales_yaml,
+    write_store,
+)
+
+AMPS = ["C10", "C11", "C12", "C07", "C00"]
+VARIABLES = ("exp_scale", "det_scale", "background", "weight", "model", "residual", "used")
+
+
+def make_group(level: str = "AMP", n_det: int = 6, n_exp: int = 9, seed: int = 0, chunks: dict | None = None,
+               problems: int = 2) -> xr.Dataset:
+    """A filter's Dataset shaped as the workflow builds it (numbers are arbitrary but realistic)."""
+    rng = np.random.default_rng(seed)
+    detector = np.array([0, 3, 4, 17, 94, 188][:n_det])  # detector 0 must survive (no fill-value masking)
+    exposure = 2025112000000 + np.arange(1, n_exp + 1) * 7
+    rows = ("detector", "amp") if level == "AMP" else ("detector",)
+    row_shape = (n_det, len(AMPS)) if level == "AMP" else (n_det,)
+    exp_scale = rng.uniform(1e4, 3e4, n_exp)
+    det_scale = rng.uniform(0.8, 1.2, row_shape)
+    model = det_scale[..., None] * exp_scale
+    background = model * rng.normal(1, 1e-3, model.shape)
+    background.flat[::11] = np.nan  # masked cells
+    weight = np.where(np.isnan(background), 0.0, rng.integers(1e5, 2e6, model.shape).astype(float))
+    used = np.isfinite(background)
+    residual = np.where(used, np.log(background / model), np.nan)
+    cell = (*rows, "exposure")
+    ds = xr.Dataset(
+        {
+            "exp_scale": ("exposure", exp_scale),
+            "det_scale": (rows, det_scale),
+            "background": (cell, background),
+            "weight": (cell, weight),
+            "model": (cell, model),
+            "residual": (cell, residual),
+            "used": (cell, used),
+            "exp_scale_err": ("exposure", rng.uniform(0, 1, n_exp)),
+        },
+        coords={"detector": detector, "amp": AMPS, "exposure": exposure,
+                "obs_id": ("exposure", [f"MC_C_20251120_{i:06d}" for i in range(n_exp)])},
+        attrs={"level": level, "iterations": np.int64(10), "converged": np.bool_(True), "tolerance": None,
+               "residual_scatter": np.float64(1.25e-3), "n_files": n_det * n_exp,
+               "problems": [{"file": f"/data/f{i}.yaml", "reason": "DETECTOR_N missing"} for i in range(problems)]},
+    )
+    ds["det_scale"].attrs["long_name"] = "G"
+    if chunks:
+        ds = ds.chunk(chunks)
+    return ds
+
+
+def plain_attrs(attrs: dict) -> dict:
+    """What the store should hold: numpy scalars as Python ones."""
+    return json.loads(json.dumps({k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}))
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def leftovers(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.*"))
+
+
+@pytest.mark.parametrize("level", ["AMP", "DETECTOR"])
+def test_round_trip_open_zarr_and_open_store(tmp_path, level):
+    groups = {"r_57": make_group(level, seed=1), "g_6": make_group(level, seed=2, chunks={"exposure": 4})}
+    path = write_store(tmp_path / "s.zarr", groups, root_attrs={"created": "2026-01-01T00:00:00+00:00",
+                                                                   "config": {"solve": {"level": level}}})
+    assert path == tmp_path / "s.zarr" and is_complete(path) and not leftovers(path)
+    tree = open_store(path)
+    assert sorted(tree.children) == ["g_6", "r_57"]
+    assert tree.attrs["config"] == {"solve": {"level": level}}
+    assert sorted(tree.attrs[COMMIT_ATTR]["groups"]) == ["g_6", "r_57"]
+    for name, original in groups.items():
+        expected = original.load()
+        expected.attrs = plain_attrs(expected.attrs)
+        lazy = tree[name].to_dataset()
+        assert lazy["background"].chunks is not None  # opened lazily, as dask arrays
+        for got in (xr.open_zarr(path, group=name).load(), lazy.load()):
+            xr.testing.assert_identical(got, expected)
+            assert got.attrs == expected.attrs
+            assert got["det_scale"].attrs["long_name"] == "G"
+            assert got["amp"].values.tolist() == AMPS and got["obs_id"].values.tolist()[0] == "MC_C_20251120_000000"
+            assert got["detector"].values.tolist()[0] == 0
+            assert got["detector"].dtype == np.int64 and got["exposure"].dtype == np.int64
+            assert got["used"].dtype == bool and got["background"].dtype == np.float64
+            cell = ("detector", "amp", "exposure") if level == "AMP" else ("detector", "exposure")
+            assert got["background"].dims == cell and got["det_scale"].dims == cell[:-1]
+            np.testing.assert_array_equal(got["background"].values, expected["background"].values)
+
+
+def test_attrs_numpy_scalars_nan_and_nested_values(tmp_path):
+    ds = make_group(problems=0)
+    ds.attrs.update(residual_scatter=np.float32(np.nan), shape=np.array([3, 4]), nested={"a": (1, np.int8(2))},
+                    path=tmp_path)
+    path = write_store(tmp_path / "s.zarr", {"all": ds}, root_attrs={"versions": {"numpy": np.__version__}})
+    attrs = open_store(path)["all"].attrs
+    assert math.isnan(attrs["residual_scatter"]) and attrs["shape"] == [3, 4]
+    assert attrs["nested"] == {"a": [1, 2]} and attrs["path"] == str(tmp_path) and attrs["problems"] == []
+    assert attrs["converged"] is True and type(attrs["iterations"]) is int
+
+
+def test_bad_attrs_and_names_are_refused(tmp_path):
+    ds = make_group()
+    ds.attrs["bad"] = object()
+    with pytest.raises(TypeError, match="bad"):
+        write_store(tmp_path / "a.zarr", {"r": ds})
+    with pytest.raises(ValueError, match=COMMIT_ATTR):
+        write_store(tmp_path / "b.zarr", {"r": make_group()}, root_attrs={COMMIT_ATTR: 1})
+    with pytest.raises(ValueError, match="group"):
+        write_store(tmp_path / "c.zarr", {"r/57": make_group()})
+    # A failed write leaves neither a store nor a staging directory.
+    for name in ("a.zarr", "b.zarr", "c.zarr"):
+        assert not (tmp_path / name).exists() and not leftovers(tmp_path / name)
+
+
+def test_setup_then_delayed_chunk_writes(tmp_path):
+    path = tmp_path / "s.zarr"
+    staging = prepare_store(path)
+    assert staging.parent == tmp_path and staging.name.startswith(".s.zarr.partial-") and not any(staging.iterdir())
+    writes = write_groups(staging, {"r_57": make_group(chunks={"detector": 2, "exposure": 4})})
+    assert len(writes) == 1 and all(isinstance(w, Delayed) for w in writes)
+    # Metadata is in place; the dask-backed chunks are not written until the caller computes.
+    assert (staging / "r_57" / "background" / "zarr.json").is_file()
+    assert not (staging / "r_57" / "background" / "c").exists()
+    dask.compute(*writes)
+    assert (staging / "r_57" / "background" / "c").is_dir()
+    with pytest.raises(StoreError, match="not empty"):
+        write_groups(staging, {"r_57": make_group()})
+    assert commit_store(staging, path) == path and is_complete(path) and not staging.exists()
+
+
+def test_interrupted_write_is_never_a_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    staging = prepare_store(path)
+    dask.compute(*write_groups(staging, {"r_57": make_group(chunks={"exposure": 3})}))
+    # The run dies here, before commit_store.
+    assert not path.exists() and not is_complete(path) and not is_complete(staging)
+    with pytest.raises(StoreError) as err:
+        open_store(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(IncompleteStoreError, match="--overwrite") as err:
+        open_store(staging)
+    assert str(staging) in str(err.value) and "no commit marker" in str(err.value)
+    # Even an empty staging directory (killed before any write) is refused as incomplete.
+    with pytest.raises(IncompleteStoreError):
+        open_store(prepare_store(path))
+
+
+def test_store_without_marker_is_refused(tmp_path):
+    path = write_store(tmp_path / "s.zarr", {"r_57": make_group()})
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["attributes"][COMMIT_ATTR]
+    meta_file.write_text(json.dumps(meta))
+    assert not is_complete(path)
+    with pytest.raises(IncompleteStoreError) as err:
+        open_store(path)
+    assert str(err.value).startswith(f"{path}: not a complete flatnorm store")
+    with pytest.raises(IncompleteStoreError):
+        export_scales(path)
+    with pytest.raises(IncompleteStoreError):
+        store_summary(path)
+
+
+def test_existing_store_is_refused_and_left_byte_for_byte(tmp_path):
+    path = write_store(tmp_path / "s.zarr", {"r_57": make_group(seed=1)})
+    before = snapshot(path)
+    with pytest.raises(StoreExistsError) as err:
+        write_store(path, {"r_57": make_group(seed=2)})
+    assert str(err.value) == f"{path} exists; pass --overwrite to replace it"
+    assert snapshot(path) == before and not leftovers(path)
+    # The same when someone else commits between prepare and commit (a concurrent run).
+    other = tmp_path / "t.zarr"
+    staging = prepare_store(other)
+    dask.compute(*write_groups(staging, {"r_57": make_group(seed=3)}))
+    write_store(other, {"r_57": make_group(seed=4)})
+    theirs = snapshot(other)
+    with pytest.raises(StoreExistsError):
+        commit_store(staging, other)
+    assert snapshot(other) == theirs
+
+
+def test_overwrite_replaces_and_cleans_up(tmp_path):
+    path = write_store(tmp_path / "s.zarr", {"r_57": make_group(seed=1), "g_6": make_group(seed=1)})
+    new = make_group(seed=2)
+    write_store(path, {"r_57": new}, overwrite=True)
+    tree = open_store(path)
+    assert list(tree.children) == ["r_57"]  # the old group is gone with the old store
+    np.testing.assert_array_equal(tree["r_57"]["det_scale"].values, new["det_scale"].values)
+    assert not leftovers(path)
+
+
+def test_failed_swap_keeps_the_old_store(tmp_path, monkeypatch):
+    path = write_store(tmp_path / "s.zarr", {"r_57": make_group(seed=1)})
+    before = snapshot(path)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".partial-" in str(src):  # the new store cannot be moved in (e.g. the disk went read-only)
+            raise OSError(30, "Read-only file system")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(StoreError, match="old store is kept"):
+        write_store(path, {"r_57": make_group(seed=2)}, overwrite=True)
+    monkeypatch.undo()
+    assert snapshot(path) == before and is_complete(path) and not leftovers(path)
+
+
+def test_staging_with_marker_is_still_not_a_store(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    staging = prepare_store(path)
+    dask.compute(*write_groups(staging, {"r_57": make_group()}))
+    # Killed between writing the marker and the rename: the marker is there, the name says staging.
+    monkeypatch.setattr(os, "rename", lambda src, dst: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(StoreError):
+        commit_store(staging, path)
+    monkeypatch.undo()
+    assert COMMIT_ATTR in json.loads((staging / "zarr.json").read_text())["attributes"]
+    assert not is_complete(staging) and not path.exists()
+    with pytest.raises(IncompleteStoreError):
+        open_store(staging)
+
+
+def test_overwrite_never_replaces_something_that_is_not_a_store(tmp_path):
+    victim = tmp_path / "home"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        write_store(victim, {"r_57": make_group()}, overwrite=True)
+    assert (victim / "thesis.tex").read_text() == "years of work" and not leftovers(victim)
+
+
+def test_leftover_staging_is_reported_not_removed(tmp_path, caplog):
+    path = tmp_path / "s.zarr"
+    old = prepare_store(path)
+    with caplog.at_level(logging.WARNING, logger="flatnorm_dask.store"):
+        write_store(path, {"r_57": make_group()})
+    assert old.is_dir() and "staging" in caplog.text and old.name in caplog.text
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
+            as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def test_distributed_write_from_workers_and_rerun_identical(tmp_path, client):
+    # Irregular dask chunks (as ingest batches give) must be aligned to zarr chunks, not refused.
+    ds = make_group(n_det=6, n_exp=9, seed=5).chunk({"detector": (2, 3, 1), "exposure": (4, 4, 1)})
+    ds["model"] = ds["model"] * 1.0  # a lazy derived variable, computed during the write
+    expected = ds.compute()
+    first = write_store(tmp_path / "a.zarr", {"r_57": ds})  # dask.compute uses the active client
+    again = write_store(tmp_path / "b.zarr", {"r_57": ds})
+    assert client.run(lambda: 1) and len(client.scheduler_info()["workers"]) == 2
+    a = xr.open_zarr(first, group="r_57").load()
+    b = xr.open_zarr(again, group="r_57").load()
+    expected.attrs = plain_attrs(expected.attrs)
+    xr.testing.assert_identical(a, expected)
+    xr.testing.assert_identical(a, b)
+    chunks = zarr.open_array(str(first / "r_57" / "background"), mode="r").chunks
+    assert chunks == (3, len(AMPS), 4)  # one zarr chunk per (rechunked) dask chunk
+
+
+def test_store_summary_reports_groups_and_provenance(tmp_path):
+    root = {"created": "2026-01-01T00:00:00+00:00", "versions": {"numpy": "2.4", "zarr": "3.1"},
+            "config": {"input": {"root": "/data", "pattern": "{exposure}/{detector}.yaml", "camera": "lsstcam"},
+                       "solve": {"level": "AMP", "iterations": 10, "tol": None}}}
+    path = write_store(tmp_path / "s.zarr", {"r_57": make_group(problems=7), "g_6": make_group(problems=0)},
+                       root_attrs=root)
+    text = store_summary(path)
+    for word in ("r_57", "g_6", "6 detectors", "5 amps", "9 exposures", "level AMP", "10 iterations",
+                 "converged", "1.250e-03", "7 problem(s)", "/data/f0.yaml: DETECTOR_N missing", "and 2 more",
+                 "numpy 2.4", "2026-01-01", str(path)):
+        assert word in text, word
+
+
+def expected_scales(ds: xr.Dataset) -> dict:
+    """cpFlatNormScales built here with plain loops, independently of records.scales_dict."""
+    amps = [str(a) for a in ds["amp"].values]
+    e = {int(x): float(v) for x, v in zip(ds["exposure"].values, ds["exp_scale"].values)}
+    det_scale = {}
+    for i, d in enumerate(ds["detector"].values):
+        g = ds["det_scale"].values[i]
+        det_scale[int(d)] = {a: float(g[j]) for j, a in enumerate(amps)} if g.ndim else float(g)
+    return {"expScale": {int(d): {a: dict(e) for a in amps} for d in ds["detector"].values},
+            "detScale": det_scale}
+
+
+def test_export_yaml_reads_back_as_cpflatnormscales(tmp_path):
+    groups = {"r_57": make_group("AMP", seed=1), "g_6": make_group("DETECTOR", seed=2, chunks={"exposure": 2})}
+    path = write_store(tmp_path / "s.zarr", groups)
+    out = write_scales_yaml(path, tmp_path / "out" / "scales.yaml")
+    text = out.read_text()
+    assert "&id" not in text and "!!" not in text  # plain YAML: no anchors, no Python tags
+    got = yaml.safe_load(text)
+    assert got == {name: expected_scales(ds.load()) for name, ds in groups.items()}
+    det = next(iter(got["r_57"]["detScale"]))
+    assert type(det) is int and type(got["r_57"]["detScale"][det]["C10"]) is float
+    assert type(next(iter(got["g_6"]["expScale"][det]["C00"]))) is int
+    assert export_scales(open_store(path)) == got
+    assert not leftovers(out)
+
+
+def test_export_keeps_nan_scales(tmp_path):
+    ds = make_group("DETECTOR")
+    ds["det_scale"][1] = np.nan  # a detector with no usable cell
+    path = write_store(tmp_path / "s.zarr", {"all": ds})
+    got = yaml.safe_load(write_scales_yaml(path, tmp_path / "s.yaml").read_text())
+    assert math.isnan(got["all"]["detScale"][3]) and got["all"]["detScale"][0] == float(ds["det_scale"][0])
+
+
+def test_export_needs_amp_names(tmp_path):
+    path = write_store(tmp_path / "s.zarr", {"all": make_group("DETECTOR").drop_vars("amp")})
+    with pytest.raises(StoreError, match="amp coordinate"):
+        export_scales(path)

@@ -1,0 +1,351 @@
+"""Parse one flat-statistics file: the LSST PropertyList YAML, or a plain YAML/JSON mapping.
+
+The butler stores ``flatStats`` as a YAML sequence tagged ``!<lsst.daf.base.PropertyList>`` whose items are
+``[name, type, value, comment]`` lists (see ``FORMATS.md`` in the shared reference). Loading one with
+``yaml.safe_load`` costs milliseconds, while the file itself reads in tens of microseconds, so this module has
+a specialised parser for exactly the shapes PyYAML emits (block or flow style, one item after another). It
+accepts a document only if every byte of it matches those shapes and resolves each scalar with YAML 1.1's
+rules, as PyYAML does; anything else (comments, anchors, wrapped long strings, repeated keys as lists,
+directives, other indentation) goes to PyYAML's C loader, so both paths return the same values.
+
+Public entry points: :func:`read_stats` (a path to a :class:`StatsRow`), :func:`parse_record` (text to a
+mapping, fast path first), :func:`parse_record_slow` (PyYAML only), :func:`extract_stats` (mapping to
+:class:`StatsRow`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import yaml
+
+__all__ = [
+    "PROPERTYLIST_TAG",
+    "STAT_NAMES",
+    "StatsFormatError",
+    "StatsRow",
+    "extract_stats",
+    "parse_record",
+    "parse_record_slow",
+    "read_record",
+    "read_stats",
+]
+
+PROPERTYLIST_TAG = "lsst.daf.base.PropertyList"
+
+#: Order of the three statistics in :attr:`StatsRow.det` and the rows of :attr:`StatsRow.amp`.
+STAT_NAMES = ("MEDIAN", "N", "SIGMA")
+
+
+class StatsFormatError(ValueError):
+    """A statistics file that cannot be used, with the file, the key (if one is to blame) and the reason."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str, key: str | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self.reason = reason
+        self.key = key
+        where = self.path if self.path is not None else "<text>"
+        super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
+
+    def __reduce__(self):  # keep path/key/reason when a worker sends the error back
+        return type(self), (self.path, self.reason, self.key)
+
+
+class StatsRow(NamedTuple):
+    """The statistics of one (detector, exposure) file.
+
+    Attributes
+    ----------
+    det : ndarray, shape (3,)
+        Detector ``MEDIAN`` (clipped mean), ``N`` (pixel count) and ``SIGMA``, in :data:`STAT_NAMES` order.
+    amp_names : tuple of str
+        Amplifier names in the file's order (``AMP_NAME_0``, ``AMP_NAME_1``, ...).
+    amp : ndarray, shape (3, nAmp)
+        The same three statistics per amplifier.
+    """
+
+    det: np.ndarray
+    amp_names: tuple[str, ...]
+    amp: np.ndarray
+
+
+# --- The fast path ---------------------------------------------------------------------------------------
+
+class _Fallback(Exception):
+    """The fast parser met something it does not fully understand."""
+
+
+# YAML 1.1 plain scalars as PyYAML's resolver reads them; only forms PyYAML itself emits are listed, the
+# rest (octal, sexagesimal, underscores, timestamps, ...) fail to match and go to the full loader.
+_INT = r"[-+]?(?:0|[1-9][0-9]*)"
+_FLOAT = r"[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?"
+_SPECIAL = r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+_WORD = r"[A-Za-z_][A-Za-z0-9_]*"
+_SQUOTED = r"'(?:[^'\n]|'')*'"
+_DQUOTED = r'"[^"\\\n]*"'
+_VALUE = f"{_INT}|{_FLOAT}|{_SPECIAL}|{_WORD}|{_SQUOTED}|{_DQUOTED}"
+_NAME = r"[A-Za-z_][A-Za-z0-9_.]*"
+# Comments are never used, but must be valid YAML scalars for the two paths to agree on what is an error.
+_COMMENT_BLOCK = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z0-9(][^\n#:'\"]*"
+_COMMENT_FLOW = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z0-9(][^\n#:,\[\]{{}}'\"]*"
+
+_BLOCK_ITEM = re.compile(
+    rf"- - ({_NAME})\n  - ([A-Za-z]+)\n  - ({_VALUE})\n  - (?:{_COMMENT_BLOCK})(?:\n|\Z)")
+_FLOW_ITEM = re.compile(
+    rf"- \[[ \t]*({_NAME})[ \t]*,[ \t]*([A-Za-z]+)[ \t]*,[ \t]*({_VALUE})[ \t]*,[ \t]*"
+    rf"(?:{_COMMENT_FLOW})[ \t]*\][ \t]*(?:\n|\Z)")
+_HEADERS = (f"!<{PROPERTYLIST_TAG}>\n", f"--- !<{PROPERTYLIST_TAG}>\n")
+
+# Plain words that YAML 1.1 does not read as strings.
+_WORDS: dict[str, Any] = {w: True for w in ("yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON")}
+_WORDS.update({w: False for w in ("no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")})
+_WORDS.update({w: None for w in ("null", "Null", "NULL")})
+_SPECIALS = {".nan": math.nan, ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf}
+
+
+def _scalar(token: str) -> Any:
+    first = token[0]
+    if first == "'":
+        return token[1:-1].replace("''", "'")
+    if first == '"':
+        return token[1:-1]
+    if first.isalpha() or first == "_":
+        return _WORDS.get(token, token)
+    if "." in token:
+        special = _SPECIALS.get(token.lower())
+        return float(token) if special is None else special
+    return int(token)
+
+
+def _parse_fast(text: str) -> dict[str, Any]:
+    """Name -> value of a PropertyList document in PyYAML's own layout; raises _Fallback otherwise."""
+    for header in _HEADERS:
+        if text.startswith(header):
+            break
+    else:
+        raise _Fallback
+    pos = len(header)
+    item = _BLOCK_ITEM if text.startswith("- -", pos) else _FLOW_ITEM
+    record: dict[str, Any] = {}
+    for m in item.finditer(text, pos):
+        if m.start() != pos:
+            raise _Fallback
+        pos = m.end()
+        name, _, value = m.groups()
+        if name in _WORDS:  # a name like "true" would not be a string key for PyYAML
+            raise _Fallback
+        record[name] = _scalar(value)
+    if pos != len(text) or not record:
+        raise _Fallback
+    return record
+
+
+# --- The full loader -------------------------------------------------------------------------------------
+
+def _loader_class(kind: str) -> type:
+    """A safe loader that builds the PropertyList tag into a list of items and names any other tag."""
+    if kind not in ("c", "pure"):
+        raise ValueError(f"loader must be 'c' or 'pure', got {kind!r}")
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader) if kind == "c" else yaml.SafeLoader
+
+    class Loader(base):  # type: ignore[misc, valid-type]
+        pass
+
+    def property_list(loader, node):
+        if not isinstance(node, yaml.SequenceNode):
+            raise _BadTag(f"the {PROPERTYLIST_TAG} tag is on a {node.id}, not a sequence")
+        return _PropertyList(loader.construct_sequence(node, deep=True))
+
+    def other_tag(loader, suffix, node):
+        raise _BadTag(f"unexpected YAML tag {node.tag!r} (expected !<{PROPERTYLIST_TAG}> or a plain mapping)")
+
+    Loader.add_constructor(PROPERTYLIST_TAG, property_list)
+    Loader.add_multi_constructor("", other_tag)
+    return Loader
+
+
+class _BadTag(Exception):
+    pass
+
+
+class _PropertyList(list):
+    """The items of a PropertyList document, as the full loader builds them."""
+
+
+_LOADERS = {kind: _loader_class(kind) for kind in ("c", "pure")}
+
+
+def _record_from_items(items: list, path) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for n, item in enumerate(items):
+        if not isinstance(item, list) or len(item) < 3:
+            raise StatsFormatError(path, f"PropertyList item {n} is not a [name, type, value, comment] list: "
+                                         f"{item!r:.80}")
+        value = item[2]
+        if isinstance(value, list):  # a repeated key: the last value is the scalar value
+            if not value:
+                continue
+            value = value[-1]
+        record[item[0]] = value
+    return record
+
+
+def parse_record_slow(text: str, path: str | os.PathLike | None = None, loader: str = "c") -> dict[str, Any]:
+    """Name -> value of a statistics document, with PyYAML only (the reference for the fast path).
+
+    Parameters
+    ----------
+    text : str
+        The document: a PropertyList sequence or a plain mapping.
+    path : path-like, optional
+        Named in errors.
+    loader : {"c", "pure"}
+        PyYAML's C loader (libyaml; the pure one if libyaml is missing) or its pure-Python one, which is
+        what the LSST butler uses.
+
+    Raises
+    ------
+    StatsFormatError
+        Not valid YAML, another tag, or neither a PropertyList nor a mapping.
+    """
+    try:
+        data = yaml.load(text, Loader=_LOADERS[loader] if loader in _LOADERS else _loader_class(loader))
+    except _BadTag as err:
+        raise StatsFormatError(path, str(err)) from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise StatsFormatError(path, f"not valid YAML{where}: {err.problem or err.context}") from None
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as err:
+        raise StatsFormatError(path, f"not valid YAML: {err}") from None
+    if isinstance(data, _PropertyList):
+        return _record_from_items(data, path)
+    if isinstance(data, dict):
+        return {k: (v[-1] if isinstance(v, list) and v else v) for k, v in data.items()}
+    kind = "empty" if data is None else f"a YAML {type(data).__name__}"
+    raise StatsFormatError(path, f"not a PropertyList or a mapping of statistics (the document is {kind})")
+
+
+def parse_record(text: str, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Name -> value of a statistics document, by the fastest path that reads it exactly.
+
+    PropertyList documents in the layout PyYAML writes take the specialised parser; JSON objects are read
+    as JSON (so ``1e5`` is a number, as JSON says); everything else goes through :func:`parse_record_slow`.
+    """
+    try:
+        return _parse_fast(text)
+    except _Fallback:
+        pass
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None  # e.g. a YAML flow mapping: YAML reads it below
+        if isinstance(data, dict):
+            return {k: (v[-1] if isinstance(v, list) and v else v) for k, v in data.items()}
+    return parse_record_slow(text, path)
+
+
+# --- From a mapping to numbers ---------------------------------------------------------------------------
+
+def _number(record: Mapping[str, Any], key: str, path, required: bool = True) -> float:
+    try:
+        value = record[key]
+    except KeyError:
+        if required:
+            raise StatsFormatError(path, "missing", key=key) from None
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StatsFormatError(path, f"not a number: {value!r:.60}", key=key)
+    return float(value)
+
+
+def _count(record: Mapping[str, Any], key: str, path) -> float:
+    value = _number(record, key, path)
+    if value < 0:
+        raise StatsFormatError(path, f"negative pixel count {value:g}", key=key)
+    return value
+
+
+def extract_stats(record: Mapping[str, Any], path: str | os.PathLike | None = None) -> StatsRow:
+    """The statistics the normalisation uses, from a parsed record.
+
+    ``*_MEDIAN`` and ``*_N`` are required for the detector and every amplifier; ``*_SIGMA`` is optional (NaN
+    when absent). Amplifiers are ``AMP_NAME_0`` .. ``AMP_NAME_{n-1}`` with no gap. NaN values are kept (the
+    solver leaves such cells out); a count may be NaN but not negative.
+
+    Raises
+    ------
+    StatsFormatError
+        Naming the file and the key: missing, not a number, a negative count, a gap in the amplifier
+        numbering or a name that is not a string.
+    """
+    det = np.array([_number(record, "DETECTOR_MEDIAN", path), _count(record, "DETECTOR_N", path),
+                    _number(record, "DETECTOR_SIGMA", path, required=False)])
+    names = []
+    while (key := f"AMP_NAME_{len(names)}") in record:
+        name = record[key]
+        if not isinstance(name, str):
+            raise StatsFormatError(path, f"amplifier name is not a string: {name!r:.60}", key=key)
+        names.append(name)
+    n_amp = len(names)
+    if sum(1 for k in record if isinstance(k, str) and k.startswith("AMP_NAME_")) != n_amp:
+        raise StatsFormatError(path, "missing while higher-numbered amplifier names exist", key=f"AMP_NAME_{n_amp}")
+    amp = np.empty((3, n_amp))
+    for i in range(n_amp):
+        amp[0, i] = _number(record, f"AMP_MEDIAN_{i}", path)
+        amp[1, i] = _count(record, f"AMP_N_{i}", path)
+        amp[2, i] = _number(record, f"AMP_SIGMA_{i}", path, required=False)
+    return StatsRow(det, tuple(names), amp)
+
+
+# --- Files -----------------------------------------------------------------------------------------------
+
+def _read_text(path: str | os.PathLike) -> str:
+    try:
+        if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+            from lsst.resources import ResourcePath  # remote URIs (S3, WebDAV, ...): optional dependency
+
+            data = ResourcePath(path).read()
+        else:
+            with open(path.removeprefix("file://") if isinstance(path, str) else path, "rb") as f:
+                data = f.read()
+    except ImportError:
+        raise StatsFormatError(path, "reading URIs needs lsst-resources: pip install 'flatnorm-dask[butler]'") \
+            from None
+    except OSError as err:
+        raise StatsFormatError(path, f"cannot read: {err.strerror or err}") from None
+    if not data.strip():
+        raise StatsFormatError(path, "empty file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise StatsFormatError(path, f"not UTF-8 text (byte {err.start}): binary or corrupt file") from None
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Name -> value of every entry of a statistics file (see :func:`parse_record`)."""
+    return parse_record(_read_text(path), path)
+
+
+def read_stats(path: str | os.PathLike) -> StatsRow:
+    """Read one statistics file: the detector's and each amplifier's median, pixel count and sigma.
+
+    Parameters
+    ----------
+    path : path-like or URI
+        A PropertyList YAML (block or flow style) or a plain YAML/JSON mapping; ``s3://`` and other URIs are
+        read through ``lsst.resources`` when it is installed.
+
+    Raises
+    ------
+    StatsFormatError
+        The file cannot be read or parsed, or a statistic is missing or malformed; the message names the
+        file and, where one is to blame, the key.
+    """
+    return extract_stats(read_record(path), path)

@@ -1,0 +1,264 @@
+"""The one place that sequences a run: config -> files -> read (Dask) -> solve per filter -> Zarr store.
+
+Every step runs on whatever Dask scheduler is active: the CLI opens a ``distributed`` client with
+:func:`flatnorm_dask.cluster.connect`; in a notebook, the user's own client (or none: the threaded scheduler).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime as dt
+import logging
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from .config import Config
+from .ingest import discover, problems, read_stats, solver_inputs
+from .solver import ScaleResult, measure_scales
+from .store import commit_store, prepare_store, write_groups, write_scales_yaml
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FilterSummary", "RunSummary", "run", "scale_dataset", "solve_dataset"]
+
+
+@dataclass(frozen=True)
+class FilterSummary:
+    """What one filter's solve produced, for the command line's report."""
+
+    name: str
+    n_exposures: int
+    n_detectors: int
+    n_amps: int
+    iterations: int
+    converged: bool
+    residual_scatter: float
+    n_problems: int
+    n_filled_rows: int = 0
+    n_empty_exposures: int = 0
+    deviant_rows: list[tuple[str, float]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        worst = ", ".join(f"{name} ({rms:.2e})" for name, rms in self.deviant_rows)
+        return (f"{self.name}: {self.n_exposures} exposures x {self.n_detectors} detectors x {self.n_amps} amps; "
+                f"{self.iterations} iterations, {'converged' if self.converged else 'NOT converged'}; "
+                f"residual scatter {self.residual_scatter:.3e}; {self.n_problems} problem(s); "
+                f"{self.n_filled_rows} row(s) and {self.n_empty_exposures} exposure(s) without usable data; "
+                f"most deviant: {worst}")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    store: Path
+    filters: list[FilterSummary]
+    scales_yaml: Path | None = None
+
+    def __str__(self) -> str:
+        lines = [f"store: {self.store}"] + [f"  {f}" for f in self.filters]
+        if self.scales_yaml is not None:
+            lines.append(f"cpFlatNormScales: {self.scales_yaml}")
+        return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import distributed
+    import pandas
+    import zarr
+
+    return {"flatnorm_dask": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "dask": dask.__version__, "distributed": distributed.__version__, "xarray": xr.__version__,
+            "zarr": zarr.__version__, "pandas": pandas.__version__}
+
+
+def solve_dataset(ds: xr.Dataset, level: str, *, iterations: int = 10, tol: float | None = None,
+                  max_iter: int = 1000, exclude: xr.DataArray | None = None) -> ScaleResult:
+    """Solve one filter's statistics (a node of :func:`flatnorm_dask.read_stats`) at a scaling level."""
+    values, counts = solver_inputs(ds, level)
+    return measure_scales(values, counts, iterations, tol=tol, max_iter=max_iter, exclude=exclude)
+
+
+def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:
+    """The store's Dataset for one filter: scales, the fitted model and the diagnostics, lazy where the input is.
+
+    ``residual`` is ``log(background / model)`` on used cells and NaN elsewhere; ``row_rms`` and
+    ``exp_rms`` are its weighted RMS per row (detector or amplifier) and per exposure.
+    """
+    background, weight = solver_inputs(ds, level)
+    cell_dims = background.dims
+    used = fit.used.transpose(*cell_dims)
+    model = fit.bgModel.transpose(*cell_dims)
+    # Written so that no task divides by zero or takes the log of a non-positive value: these run on the
+    # workers, where an errstate set here would not apply.
+    residual = xr.where(used, np.log(xr.where(used, background, 1.0) / model), np.nan)
+    w = xr.where(used, weight, 0.0)
+    row_dims = [d for d in cell_dims if d != "exposure"]
+    wr2 = w * residual.fillna(0) ** 2
+
+    def rms(dims):
+        total = w.sum(dims)
+        return np.sqrt(wr2.sum(dims) / total.where(total > 0))
+
+    row_rms, exp_rms = rms("exposure"), rms(row_dims)
+    out = xr.Dataset(
+        {
+            "exp_scale": fit.vectorE,
+            "det_scale": fit.vectorG.transpose(*row_dims),
+            "background": background,
+            "weight": weight,
+            "model": model,
+            "residual": residual,
+            "used": used,
+            "row_rms": row_rms,
+            "exp_rms": exp_rms,
+            "status": ds["status"],
+        },
+        attrs={
+            "level": level,
+            "iterations": fit.iterations,
+            "converged": fit.converged,
+            "max_change": fit.max_change,
+            "tolerance": fit.tol,
+            "residual_scatter": fit.residual_scatter,
+            "n_filled_rows": int(np.asarray(fit.filled_rows).sum()),
+            "n_empty_exposures": int(np.asarray(fit.empty_exposures).sum()),
+            **(attrs or {}),
+        },
+    )
+    for name in ("detector_name", "obs_id"):
+        if name in ds.coords:
+            out.coords[name] = ds.coords[name]
+    out["exp_scale"].attrs["long_name"] = "exposure scale E"
+    out["det_scale"].attrs["long_name"] = f"{level.lower()} scale G (count-weighted mean 1)"
+    out["residual"].attrs["long_name"] = "log(background / model)"
+    return out
+
+
+def _deviant_rows(out: xr.Dataset, n: int = 5) -> list[tuple[str, float]]:
+    rms = out["row_rms"].load()
+    flat = rms.stack(row=rms.dims) if rms.ndim > 1 else rms
+    order = np.argsort(-np.nan_to_num(flat.values, nan=-1.0))[:n]
+    names = []
+    for i in order:
+        label = flat.isel({flat.dims[0]: i})
+        parts = [f"{d}={label[d].item()}" for d in rms.dims]
+        if "detector_name" in label.coords and label["detector_name"].item():
+            parts[0] = str(label["detector_name"].item())  # R22_S11 rather than detector=94
+        names.append((" ".join(parts), float(flat.values[i])))
+    return names
+
+
+def _client():
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _on_cluster(collections: list, show: bool, *, keep: bool) -> list:
+    """Run collections on the active scheduler, with distributed's progress bar when there is a client.
+
+    ``keep=True`` persists them (results stay on the workers, as collections); otherwise computes them and
+    returns the results, re-raising the first task's exception.
+    """
+    client = _client()
+    if client is None:
+        return list(dask.persist(*collections) if keep else dask.compute(*collections))
+    futures = client.persist(collections) if keep else client.compute(collections)
+    if show:
+        from distributed import progress
+
+        progress(futures)
+    return futures if keep else client.gather(futures)
+
+
+def run(cfg: Config, *, show_progress: bool = True,
+        cluster: Callable[[], contextlib.AbstractContextManager] | None = None) -> RunSummary:
+    """Run the whole job described by ``cfg``.
+
+    Reads every file, solves each physical_filter independently (concurrently), writes the Zarr store
+    (commit marker last) and, when configured, the ``cpFlatNormScales`` YAML.
+
+    Parameters
+    ----------
+    cfg : Config
+        What to read, how to solve, where to write.
+    show_progress : bool
+        Show ``distributed.progress`` bars (with a distributed client).
+    cluster : callable, optional
+        Returns a context manager that provides the Dask cluster (e.g. :func:`flatnorm_dask.cluster.connect`);
+        entered only after the output is known to be writable and the inputs are found. Without it the
+        active scheduler is used: the user's client in a notebook, or dask's threads.
+    """
+    from .camera import load_camera
+
+    inp, solve, output = cfg.input, cfg.solve, cfg.output
+    if not output.store:
+        raise ValueError("no output store given (output.store / --output)")
+    store_path = Path(output.store)
+    staging = prepare_store(store_path, overwrite=output.overwrite)  # refuse early, before any work
+    try:
+        camera = load_camera(inp.camera) if inp.camera else None
+        files = discover(inp.root, inp.pattern, inp.manifest, camera)
+        log.info("found %d files in %d filter(s)", len(files), files["physical_filter"].nunique())
+        with cluster() if cluster is not None else contextlib.nullcontext():
+            summaries = _read_solve_write(cfg, files, camera, staging, show_progress)
+        commit_store(staging, store_path, overwrite=output.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    scales_yaml = None
+    if output.scales_yaml:
+        scales_yaml = write_scales_yaml(store_path, output.scales_yaml)
+    return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml)
+
+
+def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: bool) -> list[FilterSummary]:
+    """Read, solve every filter, write the staging store's chunks; the store is committed by the caller."""
+    inp, solve = cfg.input, cfg.solve
+    tree = read_stats(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
+    names = list(tree.children)
+    log.info("reading %d files", len(files))
+    datasets = _on_cluster([tree[name].to_dataset() for name in names], show_progress, keep=True)
+
+    def solve_one(ds: xr.Dataset) -> tuple[xr.Dataset, ScaleResult, list[dict]]:
+        status = ds["status"].values
+        found = problems(ds, status)
+        fit = solve_dataset(ds, solve.level, iterations=solve.iterations, tol=solve.tol, max_iter=solve.max_iter)
+        out = scale_dataset(ds.drop_vars("file"), fit, solve.level,
+                            attrs={"n_files": int(ds.attrs["n_files"]), "problems": found,
+                                   **({"camera": str(inp.camera)} if inp.camera else {})})
+        return out, fit, found
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        solved = list(pool.map(solve_one, datasets))
+    outputs = {}
+    for name, (out, fit, _) in zip(names, solved):
+        out.attrs["physical_filter"] = name
+        if not fit.converged:
+            log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
+                        fit.max_change)
+        outputs[name] = out
+    root_attrs = {"config": cfg.to_dict(), "versions": _versions(),
+                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "filters": names, "n_files": int(len(files))}
+    log.info("writing %s", staging)
+    writes = write_groups(staging, outputs, root_attrs=root_attrs)
+    _on_cluster(writes, show_progress, keep=False)
+    return [FilterSummary(
+        name=name, n_exposures=out.sizes["exposure"], n_detectors=out.sizes["detector"],
+        n_amps=out.sizes.get("amp", 0), iterations=out.attrs["iterations"],
+        converged=out.attrs["converged"], residual_scatter=out.attrs["residual_scatter"],
+        n_problems=len(out.attrs["problems"]), n_filled_rows=out.attrs["n_filled_rows"],
+        n_empty_exposures=out.attrs["n_empty_exposures"], deviant_rows=_deviant_rows(out)) for name, out in outputs.items()]

@@ -1,0 +1,184 @@
+"""End to end: the ``flatnorm`` command on simulated LSST-format files, a real LocalCluster, a Zarr store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from flatnorm_dask import measure_scales, scales_dict
+from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
+from flatnorm_dask.store import IncompleteStoreError, is_complete, open_store
+
+FILTERS = ("g_6", "r_57")
+
+
+def flatnorm(*args, timeout=300):
+    """The installed command, in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "flatnorm_dask.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    tree = simulate_campaign("lsstcam", n_detectors=20, n_exposures=6, filters=FILTERS, seed=7)
+    root = tmp_path_factory.mktemp("inputs")
+    write_campaign(tree, root, layout="simple")
+    return tree, root
+
+
+@pytest.fixture(scope="module")
+def amp_store(campaign, tmp_path_factory):
+    _, root = campaign
+    store = tmp_path_factory.mktemp("out") / "scales.zarr"
+    scales = store.parent / "scales.yaml"
+    result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level", "AMP",
+                      "--workers", 2, "--scales-yaml", scales, "--no-progress", "--batch-size", 50)
+    assert result.returncode == 0, result.stderr
+    return store, scales, result
+
+
+def error_line(result) -> str:
+    """The one error line of a failed run: last on stderr, alone, no traceback (log lines may precede it)."""
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("flatnorm: error:")] == lines[-1:]
+    return lines[-1]
+
+
+def numpy_fit(ds, level):
+    """The solver on the simulated numbers themselves, in numpy."""
+    if level == "AMP":
+        return measure_scales(ds.amp_value.values, ds.amp_count.values)
+    return measure_scales(ds.det_value.values, ds.det_count.values)
+
+
+def test_cli_run_writes_a_store_matching_the_numpy_solver(campaign, amp_store):
+    tree, _ = campaign
+    store, _, result = amp_store
+    assert "g_6" in result.stdout and "converged" in result.stdout
+    assert is_complete(store)
+    for name in FILTERS:
+        ds = xr.open_zarr(store, group=name)
+        truth = tree[name].to_dataset().sortby(["detector", "exposure"])
+        fit = numpy_fit(truth, "AMP")
+        assert ds["det_scale"].dims == ("detector", "amp")
+        assert ds["background"].dims == ("detector", "amp", "exposure")
+        np.testing.assert_allclose(ds["det_scale"].values, fit.vectorG, rtol=1e-12)
+        np.testing.assert_allclose(ds["exp_scale"].values, fit.vectorE, rtol=1e-12)
+        np.testing.assert_allclose(ds["model"].values, fit.bgModel, rtol=1e-12)
+        np.testing.assert_array_equal(ds["used"].values, fit.used)
+        np.testing.assert_array_equal(ds["background"].values, truth.amp_value.values)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            expected = np.where(fit.used, np.log(truth.amp_value.values / fit.bgModel), np.nan)
+        np.testing.assert_allclose(ds["residual"].values, expected, rtol=1e-9, atol=1e-12)  # log of a ratio near 1
+        assert ds.attrs["level"] == "AMP" and ds.attrs["iterations"] == 10
+        assert ds.amp.values.tolist() == list(truth.amp.values)
+
+
+def test_store_provenance_and_info(amp_store):
+    store, _, _ = amp_store
+    tree = open_store(store)
+    assert tree.attrs["config"]["solve"]["level"] == "AMP"
+    assert "numpy" in tree.attrs["versions"] and tree.attrs["created"]
+    info = flatnorm("info", store)
+    assert info.returncode == 0, info.stderr
+    for word in ("g_6", "r_57", "AMP"):
+        assert word in info.stdout
+
+
+def test_exported_yaml_reads_back(campaign, amp_store):
+    tree, _ = campaign
+    store, scales, _ = amp_store
+    exported = yaml.safe_load(open(scales))
+    assert sorted(exported) == sorted(FILTERS)
+    truth = tree["r_57"].to_dataset().sortby(["detector", "exposure"])
+    fit = numpy_fit(truth, "AMP")
+    expected = scales_dict(truth.exposure.values, truth.detector.values, truth.amp.values, fit.vectorE,
+                           fit.vectorG)
+    got = exported["r_57"]
+    assert got.keys() == expected.keys()
+    det = int(truth.detector[3])
+    assert got["detScale"][det] == pytest.approx(expected["detScale"][det], rel=1e-12)
+    assert got["expScale"][det]["C10"] == pytest.approx(expected["expScale"][det]["C10"], rel=1e-12)
+    again = store.parent / "again.yaml"
+    result = flatnorm("export", store, "--output", again)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(open(again)) == exported
+
+
+def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_path):
+    _, root = campaign
+    store, _, _ = amp_store
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level", "AMP",
+                      "--workers", 1, "--no-progress")
+    line = error_line(result)
+    assert "--overwrite" in line and str(store) in line
+    assert len(result.stderr.strip().splitlines()) == 1  # refused before any cluster started
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+    rerun = tmp_path / "rerun.zarr"
+    result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", rerun, "--level", "AMP",
+                      "--workers", 2, "--no-progress", "--batch-size", 50)
+    assert result.returncode == 0, result.stderr
+    for name in FILTERS:
+        a, b = xr.open_zarr(store, group=name).load(), xr.open_zarr(rerun, group=name).load()
+        xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+
+
+def test_bad_input_fails_with_one_line_naming_the_file(campaign, tmp_path):
+    _, root = campaign
+    import shutil
+
+    inputs = tmp_path / "inputs"
+    shutil.copytree(root, inputs)
+    victim = sorted(inputs.rglob("flatStats_*.yaml"))[7]
+    victim.write_text("!<lsst.daf.base.PropertyList>\n- [DETECTOR_MEDIAN, Double, 1.0, '']\n")
+    store = tmp_path / "bad.zarr"
+    result = flatnorm("run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--workers", 1,
+                      "--no-progress")
+    line = error_line(result)
+    assert str(victim) in line and "DETECTOR_N: missing" in line
+    assert not store.exists() and not list(tmp_path.glob(".bad.zarr*"))
+    masked = flatnorm("run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--workers", 1,
+                      "--no-progress", "--on-error", "mask")
+    assert masked.returncode == 0, masked.stderr
+    problems = [p for name in FILTERS for p in open_store(store)[name].attrs["problems"]]
+    assert [p["file"] for p in problems] == [str(victim)]
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("solve:\n  levle: AMP\n")
+    result = flatnorm("run", cfg, "--output", tmp_path / "x.zarr")
+    line = error_line(result)
+    assert "levle" in line and str(cfg) in line
+
+
+def test_killed_run_leaves_no_complete_looking_store(tmp_path):
+    tree = simulate_campaign("lsstcam", n_detectors=189, n_exposures=12, filters=("r_57",), seed=2)
+    inputs = tmp_path / "inputs"
+    write_campaign(tree, inputs, layout="simple")
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "flatnorm_dask.cli", "run", "--input", str(inputs),
+                             "--pattern", SIMPLE_PATTERN, "--output", str(store), "--workers", "1",
+                             "--no-progress", "--level", "AMP", "--batch-size", "40"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".killed.zarr*")) and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the client and its cluster, as a node failure would
+    proc.wait()
+    assert not is_complete(store)
+    with pytest.raises(Exception) as err:
+        open_store(store)
+    assert str(store) in str(err.value)
+    for partial in tmp_path.glob(".killed.zarr*"):
+        with pytest.raises(IncompleteStoreError):
+            open_store(partial)

@@ -1,0 +1,19 @@
+"""Run flatnorm on a Dask scheduler that is already running (started by ``dask scheduler``/``dask worker``,
+dask-gateway, a Kubernetes operator, ...).
+
+    python workflows/existing_scheduler.py tcp://scheduler:8786 configs/lsstcam.yaml --input ... --output ...
+    python workflows/existing_scheduler.py /shared/scheduler.json configs/lsstcam.yaml ...   # scheduler file
+
+The workers must see the input files and the output store at the same paths as this client (shared file
+system).  Nothing is started or stopped: the scheduler and its workers stay up for the next run.
+"""
+
+import sys
+
+from flatnorm_dask.cli import main
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    address, rest = sys.argv[1], sys.argv[2:]
+    sys.exit(main(["run", *rest, "--scheduler", address]))

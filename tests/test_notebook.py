@@ -1,0 +1,34 @@
+"""The exploration notebook runs from top to bottom on a small store and shows what it promises."""
+
+import base64
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from flatnorm_dask.cli import main
+
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_scales.ipynb"
+
+
+def test_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+
+def test_notebook_executes_on_a_demo_store(tmp_path, monkeypatch):
+    assert main(["--quiet", "demo", "--workdir", str(tmp_path), "--detectors", "18", "--exposures", "6",
+                 "--filters", "i_39", "--workers", "1", "--no-progress"]) == 0
+    monkeypatch.setenv("FLATNORM_STORE", str(tmp_path / "scales.zarr"))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # focal plane, exposure scales, residual map, residual histogram for i_39
+    assert all(base64.b64decode(o["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n" for o in images)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "i_39: level AMP" in text and "worst rows" in text and "converged=True" in text

@@ -31,6 +31,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--iterations", dest="solve.iterations", type=int, metavar="N", help="fixed iteration count")
     how.add_argument("--tol", dest="solve.tol", type=float, metavar="T", help="iterate until max |change of log G| < T")
     fit.add_argument("--max-iter", dest="solve.max_iter", type=int, metavar="N", help="iteration limit with --tol")
+    fit.add_argument("--clip-sigma", dest="solve.clip_sigma", type=float, metavar="K",
+                     help="robust fit: reject cells beyond K robust sigmas and refit")
+    fit.add_argument("--clip-rounds", dest="solve.clip_rounds", type=int, metavar="N", help="most rejection rounds")
     out = parser.add_argument_group("output")
     out.add_argument("--output", dest="output.store", metavar="STORE.zarr", help="Zarr store to write")
     out.add_argument("--scales-yaml", dest="output.scales_yaml", metavar="FILE", help="also export cpFlatNormScales YAML")

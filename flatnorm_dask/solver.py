@@ -13,6 +13,7 @@ the weights) and brings back only the row and exposure vectors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,14 @@ class ScaleResult:
         Rows with no usable cell, whose G was filled with the mean of the others.
     empty_exposures : ndarray of bool, (nExposures,)
         Exposures with no usable cell (their E is NaN).
+    errorE : ndarray, (nExposures,)
+        One-sigma uncertainty of each E (see Notes of :func:`measure_scales`).
+    errorG : ndarray, row shape
+        One-sigma uncertainty of each G; NaN for filled rows.
+    clipped : array of bool, input shape
+        Usable cells rejected as outliers (all False without clipping).
+    clip_rounds : int
+        Rejection rounds run (0 without clipping).
     """
 
     vectorE: Any
@@ -65,7 +74,17 @@ class ScaleResult:
     residual_scatter: float
     filled_rows: Any
     empty_exposures: Any
+    errorE: Any = None
+    errorG: Any = None
+    clipped: Any = None
+    clip_rounds: int = 0
     history: tuple[float, ...] = field(default=(), repr=False)
+
+
+# Which ScaleResult fields have the shape of a cell, of a row and of the exposure axis.
+_CELL_FIELDS = ("bgModel", "used", "clipped")
+_ROW_FIELDS = ("vectorG", "errorG", "filled_rows")
+_EXP_FIELDS = ("vectorE", "errorE", "empty_exposures")
 
 
 def usable_cells(values, weights):
@@ -103,6 +122,8 @@ def measure_scales(
     tol: float | None = None,
     max_iter: int = 1000,
     exclude=None,
+    clip_sigma: float | None = None,
+    clip_rounds: int = 5,
 ) -> ScaleResult:
     """Decompose flat statistics into exposure and row scales, ``B ~ E x G``.
 
@@ -122,7 +143,13 @@ def measure_scales(
     max_iter : int, optional
         Iteration limit in convergence mode.
     exclude : array of bool, same shape, optional
-        Cells to leave out of the fit in addition to the unusable ones (e.g. clipped outliers).
+        Cells to leave out of the fit in addition to the unusable ones.
+    clip_sigma : float, optional
+        Robust fit: after each fit, reject usable cells whose weight-normalised log residual lies more than
+        ``clip_sigma`` robust standard deviations (1.4826 x MAD) from the median, and fit again, until the
+        rejected set stops changing or after ``clip_rounds`` rounds.  None (default): the plain fit.
+    clip_rounds : int, optional
+        Most rejection rounds.
 
     Returns
     -------
@@ -138,13 +165,23 @@ def measure_scales(
     the same initial E, the same order of the G update, the fill of empty rows with the unweighted mean
     of the others, the E update, the normalisation of G to a count-weighted mean of one, and a final E
     update.
+
+    Uncertainties assume each used cell's log value has variance ``s**2 / W`` (W its weight), with ``s**2``
+    the weighted residual variance per degree of freedom; an exposure's error combines its own cells with
+    the errors of the rows it is measured against, and likewise for a row (first-order propagation; the
+    common normalisation of G is a further ``s**2 / sum(W)``, negligible for a camera).
     """
+    if clip_sigma is not None and not clip_sigma > 0:
+        raise ValueError(f"clip_sigma must be positive, got {clip_sigma!r}")
+    if not isinstance(clip_rounds, (int, np.integer)) or clip_rounds < 1:
+        raise ValueError(f"clip_rounds must be a positive integer, got {clip_rounds!r}")
     if tol is None and (not isinstance(iterations, (int, np.integer)) or iterations < 0):
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     if hasattr(bgMatrix, "dims") and hasattr(bgMatrix, "coords"):
-        return _measure_labelled(bgMatrix, bgCounts, iterations, tol=tol, max_iter=max_iter, exclude=exclude)
+        return _measure_labelled(bgMatrix, bgCounts, iterations, tol=tol, max_iter=max_iter, exclude=exclude,
+                                 clip_sigma=clip_sigma, clip_rounds=clip_rounds)
 
     shape = bgMatrix.shape
     if len(shape) not in (2, 3):
@@ -155,7 +192,7 @@ def measure_scales(
     values, weights, skip = (_rows(a) if a is not None else None for a in (bgMatrix, bgCounts, exclude))
     if weights is None:
         weights = np.ones_like(values, dtype=float)
-    fit = _solve(values, weights, skip, iterations, tol, max_iter)
+    fit = _solve(values, weights, skip, iterations, tol, max_iter, clip_sigma, clip_rounds)
     if len(shape) == 3:
         fit = _unflatten(fit, shape)
     return fit
@@ -171,35 +208,47 @@ def _rows(a):
 
 
 def _unflatten(fit: ScaleResult, shape: tuple[int, ...]) -> ScaleResult:
-    row_shape = shape[:2]
-    return ScaleResult(
-        vectorE=fit.vectorE,
-        vectorG=fit.vectorG.reshape(row_shape),
-        bgModel=fit.bgModel.reshape(shape),
-        used=fit.used.reshape(shape),
-        iterations=fit.iterations,
-        converged=fit.converged,
-        max_change=fit.max_change,
-        tol=fit.tol,
-        residual_scatter=fit.residual_scatter,
-        filled_rows=fit.filled_rows.reshape(row_shape),
-        empty_exposures=fit.empty_exposures,
-        history=fit.history,
-    )
+    changes = {name: getattr(fit, name).reshape(shape) for name in _CELL_FIELDS}
+    changes.update({name: getattr(fit, name).reshape(shape[:2]) for name in _ROW_FIELDS})
+    return dataclasses.replace(fit, **changes)
 
 
-def _solve(values, weights, exclude, iterations, tol, max_iter) -> ScaleResult:
-    used = usable_cells(values, weights)
+def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip_rounds) -> ScaleResult:
+    usable = usable_cells(values, weights)
     if exclude is not None:
-        used = used & ~exclude.astype(bool)
-    # Unused cells carry weight 0 and log value 0, so they vanish from every sum.
-    log_b = np.where(used, np.log(np.where(used, values, 1.0)), 0.0)
-    w = np.where(used, weights, 0).astype(np.float64)
-    if _is_dask(w):
+        usable = usable & ~exclude.astype(bool)
+    # Unusable cells carry weight 0 and log value 0, so they vanish from every sum.
+    log_b = np.where(usable, np.log(np.where(usable, values, 1.0)), 0.0)
+    w_all = np.where(usable, weights, 0).astype(np.float64)
+    if _is_dask(w_all):
         import dask
 
-        log_b, w, used = dask.persist(log_b, w, used)
+        log_b, w_all, usable = dask.persist(log_b, w_all, usable)
+    clipped = np.zeros_like(usable)  # numpy or dask, like its input
+    rounds = 0
+    while True:
+        w = w_all if rounds == 0 else np.where(clipped, 0.0, w_all)
+        if _is_dask(w) and rounds:
+            import dask
 
+            (w,) = dask.persist(w)
+        fit = _fit(log_b, w, iterations, tol, max_iter)
+        if clip_sigma is None or rounds == clip_rounds:
+            break
+        new = _outliers(log_b, w_all, usable, w > 0, fit, clip_sigma)
+        (changed,) = _compute((new != clipped).sum())
+        if not changed:
+            break
+        clipped, rounds = new, rounds + 1
+        if _is_dask(clipped):
+            import dask
+
+            (clipped,) = dask.persist(clipped)
+    return dataclasses.replace(fit, clipped=clipped, clip_rounds=rounds)
+
+
+def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
+    """One alternating fit of log B = e + g on cells with weight w > 0 (log_b is 0 elsewhere)."""
     wl = w * log_b
     row_w, col_w, row_wl, col_wl = (np.asarray(v, dtype=np.float64) for v in _compute(
         w.sum(axis=1), w.sum(axis=0), wl.sum(axis=1), wl.sum(axis=0)))
@@ -241,16 +290,26 @@ def _solve(values, weights, exclude, iterations, tol, max_iter) -> ScaleResult:
         e_known = np.where(empty, 0.0, log_e)
         e_lazy, g_lazy = _like(e_known, w, 1), _like(log_g, w, 0)
         resid = log_b - e_lazy[None, :] - g_lazy[:, None]
-        (sq,) = _compute((w * resid * resid).sum())
+        w2 = w * w
+        inv_row = np.where(filled, 0.0, 1.0 / row_w_safe)
+        inv_col = np.where(empty, 0.0, 1.0 / np.where(empty, np.nan, col_w))
+        sq, n_used, w2_col, w2_row = _compute((w * resid * resid).sum(), (w > 0).sum(), w2 @ inv_col,
+                                              w2.T @ inv_row)
         scatter = float(np.sqrt(sq / row_w.sum()))
+        # Residual variance per unit weight, per degree of freedom (one gauge freedom between e and g).
+        dof = int(n_used) - int(live_rows.sum()) - int((~empty).sum()) + 1
+        s2 = float(sq) / dof if dof > 0 else np.nan
+        var_g = s2 * (inv_row + inv_row ** 2 * np.asarray(w2_col, dtype=np.float64))
+        var_e = s2 * (inv_col + inv_col ** 2 * np.asarray(w2_row, dtype=np.float64))
         model = np.exp(_like(log_e, w, 1)[None, :] + g_lazy[:, None])
 
+    vector_e, vector_g = np.exp(log_e), np.exp(log_g)
     max_change = history[-1] if history else float("nan")
     return ScaleResult(
-        vectorE=np.exp(log_e),
-        vectorG=np.exp(log_g),
+        vectorE=vector_e,
+        vectorG=vector_g,
         bgModel=model,
-        used=used,
+        used=w > 0,
         iterations=len(history),
         converged=bool(max_change < (tol if tol is not None else CONVERGENCE_TOL)),
         max_change=max_change,
@@ -258,8 +317,82 @@ def _solve(values, weights, exclude, iterations, tol, max_iter) -> ScaleResult:
         residual_scatter=scatter,
         filled_rows=filled,
         empty_exposures=empty,
+        errorE=np.where(empty, np.nan, vector_e * np.sqrt(var_e)),
+        errorG=np.where(filled, np.nan, vector_g * np.sqrt(var_g)),
         history=tuple(history),
     )
+
+
+def _outliers(log_b, w_all, usable, used, fit: ScaleResult, k: float):
+    """Usable cells whose weight-normalised log residual is beyond k robust sigmas of the used cells'.
+
+    The residuals are first median-polished (exposure medians, then row medians, over used cells, twice): a
+    bad cell pulls its row's and exposure's mean-based fit, and without the polish a row with a few wild
+    cells, or one measured against a biased exposure, would see all its cells rejected, then stay rejected.
+    """
+    log_e = np.log(np.where(fit.empty_exposures, 1.0, fit.vectorE))
+    resid = log_b - _like(log_e, w_all, 1)[None, :] - _like(np.log(fit.vectorG), w_all, 0)[:, None]
+    # Rows and exposures with no used cell get zeros, not all-NaN slices (which warn in worker tasks).
+    masked = np.where(used, resid, np.nan)
+    masked = np.where(_like(fit.filled_rows, w_all, 0)[:, None] | _like(fit.empty_exposures, w_all, 1)[None, :],
+                      0.0, masked)
+    row_offset, exp_offset = np.zeros(fit.filled_rows.shape), np.zeros(fit.empty_exposures.shape)
+
+    def less_offsets(x):
+        return x - _like(row_offset, w_all, 0)[:, None] - _like(exp_offset, w_all, 1)[None, :]
+
+    for _ in range(2):
+        (step,) = _compute(_nanmedian(less_offsets(masked), axis=0))
+        exp_offset = exp_offset + step
+        (step,) = _compute(_nanmedian(less_offsets(masked), axis=1))
+        row_offset = row_offset + step
+    polished = less_offsets(resid)
+    (mean_w,) = _compute(w_all.sum() / usable.sum())
+    # Scaled so that cells of typical weight keep their residual: a cell with fewer pixels is noisier.
+    z = polished * np.sqrt(w_all / float(mean_w))
+    centre = _lower_median(z, used)
+    spread = 1.4826 * _lower_median(abs(z - centre), used)
+    return usable & (abs(z - centre) > k * spread)
+
+
+def _nanmedian(x, axis: int):
+    if _is_dask(x):
+        import dask.array as da
+
+        return da.nanmedian(x, axis=axis)
+    return np.nanmedian(x, axis=axis)
+
+
+def _lower_median(x, mask, bins: int = 512, rounds: int = 8) -> float:
+    """The lower median of ``x`` over ``mask``, by histogram refinement: a few small reductions, the same
+    on numpy and on dask, each bringing back only ``bins`` counts.  Exact to ~1e-15 of the data range."""
+    x = np.where(mask, x, 0.0)
+    weight = mask.astype(np.float64)
+    lo, hi, n = (float(v) for v in _compute(np.where(mask, x, np.inf).min(), np.where(mask, x, -np.inf).max(),
+                                            weight.sum()))
+    if n == 0:
+        return float("nan")
+    rank = (n - 1) // 2  # zero-based rank of the lower median
+    below = 0.0  # masked values known to lie below lo
+    histogram = _histogram_function(x)
+    for _ in range(rounds):
+        if not hi - lo > 4 * bins * np.finfo(np.float64).eps * max(abs(lo), abs(hi)):
+            break  # as narrow as float64 bins can be
+        counts, edges = histogram(x, bins=bins, range=(lo, hi), weights=weight)
+        (counts,) = _compute(counts)
+        cumulative = below + np.cumsum(counts)
+        b = min(int(np.searchsorted(cumulative, rank, side="right")), bins - 1)
+        below = below + (cumulative[b - 1] - below if b else 0.0)
+        lo, hi = float(edges[b]), float(edges[b + 1])
+    return 0.5 * (lo + hi) if hi > lo else lo
+
+
+def _histogram_function(x):
+    if _is_dask(x):
+        import dask.array as da
+
+        return da.histogram
+    return np.histogram
 
 
 def _measure_labelled(da_in, counts, iterations, **kwargs) -> ScaleResult:
@@ -281,20 +414,11 @@ def _measure_labelled(da_in, counts, iterations, **kwargs) -> ScaleResult:
     row_coords = {d: values[d] for d in row_dims if d in values.coords}
     exp_coords = {exp_dim: values[exp_dim]} if exp_dim in values.coords else {}
 
-    def full(x, name):
-        return xr.DataArray(x, dims=order, coords=values.coords, name=name)
-
-    return ScaleResult(
-        vectorE=xr.DataArray(fit.vectorE, dims=(exp_dim,), coords=exp_coords, name="exp_scale"),
-        vectorG=xr.DataArray(fit.vectorG, dims=row_dims, coords=row_coords, name="det_scale"),
-        bgModel=full(fit.bgModel, "model"),
-        used=full(fit.used, "used"),
-        iterations=fit.iterations,
-        converged=fit.converged,
-        max_change=fit.max_change,
-        tol=fit.tol,
-        residual_scatter=fit.residual_scatter,
-        filled_rows=xr.DataArray(fit.filled_rows, dims=row_dims, coords=row_coords),
-        empty_exposures=xr.DataArray(fit.empty_exposures, dims=(exp_dim,), coords=exp_coords),
-        history=fit.history,
-    )
+    names = {"vectorE": "exp_scale", "errorE": "exp_scale_err", "vectorG": "det_scale",
+             "errorG": "det_scale_err", "bgModel": "model"}
+    changes = {}
+    for group, dims, coords in ((_CELL_FIELDS, order, values.coords), (_ROW_FIELDS, row_dims, row_coords),
+                                (_EXP_FIELDS, (exp_dim,), exp_coords)):
+        for f in group:
+            changes[f] = xr.DataArray(getattr(fit, f), dims=dims, coords=coords, name=names.get(f, f))
+    return dataclasses.replace(fit, **changes)

@@ -460,6 +460,8 @@ def store_summary(path: str | os.PathLike, max_problems: int = 5) -> str:
         lines.append(f"  {name}: level {ga.get('level', '?')}; {shape}; {ga.get('iterations', '?')} iterations, "
                      f"{state}; residual scatter {_fmt(ga.get('residual_scatter', '?'))}; "
                      f"{ga.get('n_files', '?')} files")
+        if ga.get("clip_rounds"):
+            lines.append(f"    robust fit: {ga.get('n_clipped')} cell(s) clipped in {ga['clip_rounds']} round(s)")
         problems = ga.get("problems") or []
         lines.append(f"    {len(problems)} problem(s)")
         for item in problems[:max_problems]:

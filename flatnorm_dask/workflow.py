@@ -46,6 +46,7 @@ class FilterSummary:
     n_problems: int
     n_filled_rows: int = 0
     n_empty_exposures: int = 0
+    n_clipped: int = 0
     deviant_rows: list[tuple[str, float]] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -54,6 +55,7 @@ class FilterSummary:
                 f"{self.iterations} iterations, {'converged' if self.converged else 'NOT converged'}; "
                 f"residual scatter {self.residual_scatter:.3e}; {self.n_problems} problem(s); "
                 f"{self.n_filled_rows} row(s) and {self.n_empty_exposures} exposure(s) without usable data; "
+                f"{self.n_clipped} cell(s) clipped; "
                 f"most deviant: {worst}")
 
 
@@ -80,11 +82,13 @@ def _versions() -> dict[str, str]:
             "zarr": zarr.__version__, "pandas": pandas.__version__}
 
 
-def solve_dataset(ds: xr.Dataset, level: str, *, iterations: int = 10, tol: float | None = None,
-                  max_iter: int = 1000, exclude: xr.DataArray | None = None) -> ScaleResult:
-    """Solve one filter's statistics (a node of :func:`flatnorm_dask.read_stats`) at a scaling level."""
+def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
+    """Solve one filter's statistics (a node of :func:`flatnorm_dask.read_stats`) at a scaling level.
+
+    ``options`` are :func:`flatnorm_dask.measure_scales`' keywords (iterations, tol, clip_sigma, ...).
+    """
     values, counts = solver_inputs(ds, level)
-    return measure_scales(values, counts, iterations, tol=tol, max_iter=max_iter, exclude=exclude)
+    return measure_scales(values, counts, **options)
 
 
 def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:
@@ -113,6 +117,8 @@ def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str,
         {
             "exp_scale": fit.vectorE,
             "det_scale": fit.vectorG.transpose(*row_dims),
+            "exp_scale_err": fit.errorE,
+            "det_scale_err": fit.errorG.transpose(*row_dims),
             "background": background,
             "weight": weight,
             "model": model,
@@ -131,6 +137,8 @@ def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str,
             "residual_scatter": fit.residual_scatter,
             "n_filled_rows": int(np.asarray(fit.filled_rows).sum()),
             "n_empty_exposures": int(np.asarray(fit.empty_exposures).sum()),
+            "clip_rounds": fit.clip_rounds,
+            "n_clipped": int(fit.clipped.sum()),
             **(attrs or {}),
         },
     )
@@ -140,6 +148,9 @@ def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str,
     out["exp_scale"].attrs["long_name"] = "exposure scale E"
     out["det_scale"].attrs["long_name"] = f"{level.lower()} scale G (count-weighted mean 1)"
     out["residual"].attrs["long_name"] = "log(background / model)"
+    out["exp_scale_err"].attrs["long_name"] = "one-sigma uncertainty of exp_scale"
+    out["det_scale_err"].attrs["long_name"] = "one-sigma uncertainty of det_scale"
+    out["used"].attrs["long_name"] = "cell entered the fit (usable and not clipped)"
     return out
 
 
@@ -235,7 +246,8 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
     def solve_one(ds: xr.Dataset) -> tuple[xr.Dataset, ScaleResult, list[dict]]:
         status = ds["status"].values
         found = problems(ds, status)
-        fit = solve_dataset(ds, solve.level, iterations=solve.iterations, tol=solve.tol, max_iter=solve.max_iter)
+        fit = solve_dataset(ds, solve.level, iterations=solve.iterations, tol=solve.tol, max_iter=solve.max_iter,
+                            clip_sigma=solve.clip_sigma, clip_rounds=solve.clip_rounds)
         out = scale_dataset(ds.drop_vars("file"), fit, solve.level,
                             attrs={"n_files": int(ds.attrs["n_files"]), "problems": found,
                                    **({"camera": str(inp.camera)} if inp.camera else {})})
@@ -261,4 +273,4 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
         n_amps=out.sizes.get("amp", 0), iterations=out.attrs["iterations"],
         converged=out.attrs["converged"], residual_scatter=out.attrs["residual_scatter"],
         n_problems=len(out.attrs["problems"]), n_filled_rows=out.attrs["n_filled_rows"],
-        n_empty_exposures=out.attrs["n_empty_exposures"], deviant_rows=_deviant_rows(out)) for name, out in outputs.items()]
+        n_empty_exposures=out.attrs["n_empty_exposures"], n_clipped=out.attrs["n_clipped"], deviant_rows=_deviant_rows(out)) for name, out in outputs.items()]

@@ -7,7 +7,7 @@ pixel counts behind each statistic (Magnier's Pan-STARRS scheme, as used by LSST
 
 This module is pure: arrays in, arrays out, no I/O and no cluster.  Every operation is an elementwise
 ufunc, a ``sum`` or a matrix-vector product, so one implementation serves numpy and dask.  On dask the log
-data and weights are persisted once; each iteration then computes one fixed-size graph (two passes over
+data and weights are persisted once (unless ``persist=False``); each iteration then computes one fixed-size graph (two passes over
 the weights) and brings back only the row and exposure vectors.
 """
 
@@ -124,6 +124,7 @@ def measure_scales(
     exclude=None,
     clip_sigma: float | None = None,
     clip_rounds: int = 5,
+    persist: bool = True,
 ) -> ScaleResult:
     """Decompose flat statistics into exposure and row scales, ``B ~ E x G``.
 
@@ -150,6 +151,10 @@ def measure_scales(
         rejected set stops changing or after ``clip_rounds`` rounds.  None (default): the plain fit.
     clip_rounds : int, optional
         Most rejection rounds.
+    persist : bool, optional
+        Dask input only: keep the log values and weights in the cluster's memory for the iterations
+        (fastest), or recompute them from the input's own source (e.g. a Zarr store) at every pass, so that
+        worker memory stays bounded by the chunk size whatever the campaign's size.
 
     Returns
     -------
@@ -181,7 +186,7 @@ def measure_scales(
         raise ValueError(f"tol must be positive, got {tol!r}")
     if hasattr(bgMatrix, "dims") and hasattr(bgMatrix, "coords"):
         return _measure_labelled(bgMatrix, bgCounts, iterations, tol=tol, max_iter=max_iter, exclude=exclude,
-                                 clip_sigma=clip_sigma, clip_rounds=clip_rounds)
+                                 clip_sigma=clip_sigma, clip_rounds=clip_rounds, persist=persist)
 
     shape = bgMatrix.shape
     if len(shape) not in (2, 3):
@@ -192,7 +197,8 @@ def measure_scales(
     values, weights, skip = (_rows(a) if a is not None else None for a in (bgMatrix, bgCounts, exclude))
     if weights is None:
         weights = np.ones_like(values, dtype=float)
-    fit = _solve(values, weights, skip, iterations, tol, max_iter, clip_sigma, clip_rounds)
+    fit = _solve(values, weights, skip, iterations, tol, max_iter, clip_sigma, clip_rounds,
+                 persist and _is_dask(values))
     if len(shape) == 3:
         fit = _unflatten(fit, shape)
     return fit
@@ -213,25 +219,26 @@ def _unflatten(fit: ScaleResult, shape: tuple[int, ...]) -> ScaleResult:
     return dataclasses.replace(fit, **changes)
 
 
-def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip_rounds) -> ScaleResult:
+def _persisted(*arrays, keep: bool):
+    if not keep:
+        return arrays
+    import dask
+
+    return dask.persist(*arrays)
+
+
+def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip_rounds, persist) -> ScaleResult:
     usable = usable_cells(values, weights)
     if exclude is not None:
         usable = usable & ~exclude.astype(bool)
     # Unusable cells carry weight 0 and log value 0, so they vanish from every sum.
     log_b = np.where(usable, np.log(np.where(usable, values, 1.0)), 0.0)
     w_all = np.where(usable, weights, 0).astype(np.float64)
-    if _is_dask(w_all):
-        import dask
-
-        log_b, w_all, usable = dask.persist(log_b, w_all, usable)
+    log_b, w_all, usable = _persisted(log_b, w_all, usable, keep=persist)
     clipped = np.zeros_like(usable)  # numpy or dask, like its input
     rounds = 0
     while True:
-        w = w_all if rounds == 0 else np.where(clipped, 0.0, w_all)
-        if _is_dask(w) and rounds:
-            import dask
-
-            (w,) = dask.persist(w)
+        w = w_all if rounds == 0 else _persisted(np.where(clipped, 0.0, w_all), keep=persist)[0]
         fit = _fit(log_b, w, iterations, tol, max_iter)
         if clip_sigma is None or rounds == clip_rounds:
             break
@@ -239,11 +246,7 @@ def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip
         (changed,) = _compute((new != clipped).sum())
         if not changed:
             break
-        clipped, rounds = new, rounds + 1
-        if _is_dask(clipped):
-            import dask
-
-            (clipped,) = dask.persist(clipped)
+        (clipped,), rounds = _persisted(new, keep=persist), rounds + 1
     return dataclasses.replace(fit, clipped=clipped, clip_rounds=rounds)
 
 

@@ -256,6 +256,23 @@ def write_groups(staging: str | os.PathLike, datasets: Mapping[str, xr.Dataset] 
     return writes
 
 
+def append_variables(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> Any:
+    """Add ``ds``'s variables to group ``name`` of a staging store written by :func:`write_groups`.
+
+    The group's attributes become ``ds.attrs`` merged over the existing ones.  Returns the delayed chunk
+    writes (in-memory variables are written before it returns); compute them before :func:`commit_store`.
+    """
+    import zarr
+
+    name = _check_group_name(name)
+    group = zarr.open_group(str(staging), path=name, mode="r+", zarr_format=3)
+    ready = _zarr_ready(ds.assign_attrs({**dict(group.attrs), **ds.attrs}), name)
+    existing = [v for v in ready.data_vars if v in set(group.array_keys())]
+    if existing:
+        raise StoreError(f"{staging}/{name}: variables {existing} are already written")
+    return ready.to_zarr(str(staging), group=name, mode="a", compute=False, zarr_format=3, consolidated=False)
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush every file and directory below ``root``, so a power cut after the rename cannot expose a
     store whose marker is on disk but whose chunks are not."""
@@ -448,7 +465,11 @@ def store_summary(path: str | os.PathLike, max_problems: int = 5) -> str:
         source = inp.get("pattern") or inp.get("manifest")
         mode = f"tol {solve.get('tol')}, max_iter {solve.get('max_iter')}" if solve.get("tol") else \
             f"{solve.get('iterations')} iterations"
-        lines.append(f"  config: input {inp.get('root')} ({source}), camera {inp.get('camera')}, "
+        where = f"{inp.get('root')} ({source})"
+        if inp.get("butler"):
+            where = (f"butler {inp['butler']} ({inp.get('dataset_type')} in "
+                     f"{', '.join(inp.get('collections') or [])}{' where ' + inp['where'] if inp.get('where') else ''})")
+        lines.append(f"  config: input {where}, camera {inp.get('camera')}, "
                      f"level {solve.get('level')}, {mode}")
     lines.append(f"  {len(tree.children)} group(s): {', '.join(tree.children)}")
     for name, node in tree.children.items():

@@ -25,11 +25,11 @@ from . import __version__
 from .config import Config
 from .ingest import discover, problems, read_stats, solver_inputs
 from .solver import ScaleResult, measure_scales
-from .store import commit_store, prepare_store, write_groups, write_scales_yaml
+from .store import append_variables, commit_store, prepare_store, write_groups, write_scales_yaml
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FilterSummary", "RunSummary", "run", "scale_dataset", "solve_dataset"]
+__all__ = ["FilterSummary", "RunSummary", "level_inputs", "run", "scale_dataset", "solve_dataset"]
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,13 @@ class RunSummary:
     store: Path
     filters: list[FilterSummary]
     scales_yaml: Path | None = None
+    butler_datasets: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"store: {self.store}"] + [f"  {f}" for f in self.filters]
         if self.scales_yaml is not None:
             lines.append(f"cpFlatNormScales: {self.scales_yaml}")
+        lines += [f"butler: {line}" for line in self.butler_datasets]
         return "\n".join(lines)
 
 
@@ -91,13 +93,23 @@ def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
     return measure_scales(values, counts, **options)
 
 
+def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
+    """A node of :func:`flatnorm_dask.read_stats` reduced to what a scaling level uses and the store keeps:
+    ``background`` and ``weight`` (the statistic and its pixel count) and the reading ``status``."""
+    background, weight = solver_inputs(ds, level)
+    return xr.Dataset({"background": background, "weight": weight, "status": ds["status"]}, attrs=ds.attrs)
+
+
 def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:
     """The store's Dataset for one filter: scales, the fitted model and the diagnostics, lazy where the input is.
 
-    ``residual`` is ``log(background / model)`` on used cells and NaN elsewhere; ``row_rms`` and
-    ``exp_rms`` are its weighted RMS per row (detector or amplifier) and per exposure.
+    ``ds`` is a node of :func:`flatnorm_dask.read_stats` or its :func:`level_inputs`. ``residual`` is
+    ``log(background / model)`` on used cells and NaN elsewhere; ``row_rms`` and ``exp_rms`` are its
+    weighted RMS per row (detector or amplifier) and per exposure.
     """
-    background, weight = solver_inputs(ds, level)
+    if "background" not in ds:
+        ds = level_inputs(ds, level)
+    background, weight = ds["background"], ds["weight"]
     cell_dims = background.dims
     used = fit.used.transpose(*cell_dims)
     model = fit.bgModel.transpose(*cell_dims)
@@ -212,6 +224,7 @@ def run(cfg: Config, *, show_progress: bool = True,
         entered only after the output is known to be writable and the inputs are found. Without it the
         active scheduler is used: the user's client in a notebook, or dask's threads.
     """
+    from . import butler
     from .camera import load_camera
 
     inp, solve, output = cfg.input, cfg.solve, cfg.output
@@ -221,8 +234,15 @@ def run(cfg: Config, *, show_progress: bool = True,
     staging = prepare_store(store_path, overwrite=output.overwrite)  # refuse early, before any work
     try:
         camera = load_camera(inp.camera) if inp.camera else None
-        files = discover(inp.root, inp.pattern, inp.manifest, camera)
+        if inp.butler:
+            files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument)
+        else:
+            files = discover(inp.root, inp.pattern, inp.manifest, camera)
         log.info("found %d files in %d filter(s)", len(files), files["physical_filter"].nunique())
+        # The output repository is checked now, before any work; written to only once the store is committed.
+        outbox = butler.ScalesOutput.prepare(
+            output.butler, output.run, files.attrs.get("instrument") or inp.instrument,
+            sorted(files["physical_filter"].unique())) if output.butler else None
         with cluster() if cluster is not None else contextlib.nullcontext():
             summaries = _read_solve_write(cfg, files, camera, staging, show_progress)
         commit_store(staging, store_path, overwrite=output.overwrite)
@@ -232,45 +252,56 @@ def run(cfg: Config, *, show_progress: bool = True,
     scales_yaml = None
     if output.scales_yaml:
         scales_yaml = write_scales_yaml(store_path, output.scales_yaml)
-    return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml)
+    butler_datasets = outbox.put(store_path) if outbox is not None else []
+    return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml,
+                      butler_datasets=butler_datasets)
 
 
 def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: bool) -> list[FilterSummary]:
-    """Read, solve every filter, write the staging store's chunks; the store is committed by the caller."""
+    """Read, solve every filter, write the staging store's chunks; the store is committed by the caller.
+
+    The inputs go from the reading tasks straight into the staging store, and the solver iterates over
+    them there rather than in the cluster's memory: worker memory is bounded by the chunk size, not by the
+    campaign's.
+    """
     inp, solve = cfg.input, cfg.solve
     tree = read_stats(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
-    names = list(tree.children)
-    log.info("reading %d files", len(files))
-    datasets = _on_cluster([tree[name].to_dataset() for name in names], show_progress, keep=True)
+    nodes = {name: tree[name].to_dataset() for name in tree.children}
+    extra = {"camera": str(inp.camera)} if inp.camera else {}
+    inputs = {name: level_inputs(ds, solve.level).assign_attrs(physical_filter=name, **extra)
+              for name, ds in nodes.items()}
+    root_attrs = {"config": cfg.to_dict(), "versions": _versions(),
+                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "filters": list(nodes), "n_files": int(len(files))}
+    log.info("reading %d files into %s", len(files), staging)
+    _on_cluster(write_groups(staging, inputs, root_attrs=root_attrs), show_progress, keep=False)
+    staged = {name: xr.open_zarr(staging, group=name, consolidated=False) for name in nodes}
 
-    def solve_one(ds: xr.Dataset) -> tuple[xr.Dataset, ScaleResult, list[dict]]:
-        status = ds["status"].values
-        found = problems(ds, status)
-        fit = solve_dataset(ds, solve.level, iterations=solve.iterations, tol=solve.tol, max_iter=solve.max_iter,
-                            clip_sigma=solve.clip_sigma, clip_rounds=solve.clip_rounds)
-        out = scale_dataset(ds.drop_vars("file"), fit, solve.level,
-                            attrs={"n_files": int(ds.attrs["n_files"]), "problems": found,
-                                   **({"camera": str(inp.camera)} if inp.camera else {})})
-        return out, fit, found
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-        solved = list(pool.map(solve_one, datasets))
-    outputs = {}
-    for name, (out, fit, _) in zip(names, solved):
-        out.attrs["physical_filter"] = name
+    def solve_one(name: str) -> tuple[xr.Dataset, ScaleResult]:
+        ds = staged[name]
+        found = problems(nodes[name], ds["status"].values)
+        fit = measure_scales(ds["background"], ds["weight"], solve.iterations, tol=solve.tol,
+                             max_iter=solve.max_iter, clip_sigma=solve.clip_sigma, clip_rounds=solve.clip_rounds,
+                             persist=False)
         if not fit.converged:
             log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
                         fit.max_change)
-        outputs[name] = out
-    root_attrs = {"config": cfg.to_dict(), "versions": _versions(),
-                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "filters": names, "n_files": int(len(files))}
-    log.info("writing %s", staging)
-    writes = write_groups(staging, outputs, root_attrs=root_attrs)
-    _on_cluster(writes, show_progress, keep=False)
-    return [FilterSummary(
-        name=name, n_exposures=out.sizes["exposure"], n_detectors=out.sizes["detector"],
-        n_amps=out.sizes.get("amp", 0), iterations=out.attrs["iterations"],
-        converged=out.attrs["converged"], residual_scatter=out.attrs["residual_scatter"],
-        n_problems=len(out.attrs["problems"]), n_filled_rows=out.attrs["n_filled_rows"],
-        n_empty_exposures=out.attrs["n_empty_exposures"], n_clipped=out.attrs["n_clipped"], deviant_rows=_deviant_rows(out)) for name, out in outputs.items()]
+        return scale_dataset(ds, fit, solve.level, attrs={"problems": found}), fit
+
+    log.info("solving %s", ", ".join(nodes))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        solved = dict(zip(nodes, pool.map(solve_one, nodes)))
+    log.info("writing scales and diagnostics")
+    _on_cluster([append_variables(staging, name, out.drop_vars(list(inputs[name].data_vars)))
+                 for name, (out, _) in solved.items()], show_progress, keep=False)
+    summaries = []
+    for name in nodes:
+        out = xr.open_zarr(staging, group=name, consolidated=False)
+        summaries.append(FilterSummary(
+            name=name, n_exposures=out.sizes["exposure"], n_detectors=out.sizes["detector"],
+            n_amps=out.sizes.get("amp", 0), iterations=out.attrs["iterations"],
+            converged=out.attrs["converged"], residual_scatter=out.attrs["residual_scatter"],
+            n_problems=len(out.attrs["problems"]), n_filled_rows=out.attrs["n_filled_rows"],
+            n_empty_exposures=out.attrs["n_empty_exposures"], n_clipped=out.attrs["n_clipped"],
+            deviant_rows=_deviant_rows(out)))
+    return summaries

@@ -87,6 +87,7 @@ class SolveConfig:
     max_iter: int = _option(1000, "int", minimum=1)
     clip_sigma: float | None = _option(None, "float", nullable=True, positive=True)
     clip_rounds: int = _option(5, "int", minimum=1)
+    persist_max_mb: int = _option(2048, "int", minimum=0)
 
 
 @dataclass(frozen=True)

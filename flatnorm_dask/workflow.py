@@ -257,12 +257,27 @@ def run(cfg: Config, *, show_progress: bool = True,
                       butler_datasets=butler_datasets)
 
 
+#: Cells per dask chunk when solving from the store: large enough that a pass over a campaign is a handful
+#: of tasks (each iteration is a round trip), small enough that a task's memory stays modest (~16 MB each).
+SOLVE_CHUNK_CELLS = 2_000_000
+#: What the solver keeps per cell when it persists its inputs: log value and weight (float64), usable (bool).
+SOLVER_BYTES_PER_CELL = 17
+
+
+def _solver_chunks(ds: xr.Dataset) -> xr.Dataset:
+    """Merge the store's per-read-task chunks along exposure into chunks of about SOLVE_CHUNK_CELLS cells."""
+    stored = ds["background"].chunks[ds["background"].get_axis_num("exposure")][0]
+    per_exposure = ds["background"].size // max(1, ds.sizes["exposure"])
+    factor = max(1, SOLVE_CHUNK_CELLS // max(1, per_exposure * stored))
+    return ds.chunk({"exposure": stored * factor})
+
+
 def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: bool) -> list[FilterSummary]:
     """Read, solve every filter, write the staging store's chunks; the store is committed by the caller.
 
-    The inputs go from the reading tasks straight into the staging store, and the solver iterates over
-    them there rather than in the cluster's memory: worker memory is bounded by the chunk size, not by the
-    campaign's.
+    The inputs go from the reading tasks straight into the staging store. The solver keeps them in the
+    workers' memory when they fit ``solve.persist_max_mb``, and otherwise iterates over them in the store:
+    worker memory is then bounded by the chunk size, not by the campaign's.
     """
     inp, solve = cfg.input, cfg.solve
     tree = read_stats(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
@@ -275,14 +290,15 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
                   "filters": list(nodes), "n_files": int(len(files))}
     log.info("reading %d files into %s", len(files), staging)
     _on_cluster(write_groups(staging, inputs, root_attrs=root_attrs), show_progress, keep=False)
-    staged = {name: xr.open_zarr(staging, group=name, consolidated=False) for name in nodes}
+    staged = {name: _solver_chunks(xr.open_zarr(staging, group=name, consolidated=False)) for name in nodes}
 
     def solve_one(name: str) -> tuple[xr.Dataset, ScaleResult]:
         ds = staged[name]
         found = problems(nodes[name], ds["status"].values)
+        persist = ds["background"].size * SOLVER_BYTES_PER_CELL <= solve.persist_max_mb * 2**20
         fit = measure_scales(ds["background"], ds["weight"], solve.iterations, tol=solve.tol,
                              max_iter=solve.max_iter, clip_sigma=solve.clip_sigma, clip_rounds=solve.clip_rounds,
-                             persist=False)
+                             persist=persist)
         if not fit.converged:
             log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
                         fit.max_change)

@@ -182,3 +182,40 @@ def test_killed_run_leaves_no_complete_looking_store(tmp_path):
     for partial in tmp_path.glob(".killed.zarr*"):
         with pytest.raises(IncompleteStoreError):
             open_store(partial)
+
+
+def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_path):
+    """workflows/slurm.py on dask-jobqueue's local cluster class (the SLURM code path without SLURM), and
+    workflows/existing_scheduler.py on a running scheduler: both give the numbers of the LocalCluster run."""
+    pytest.importorskip("dask_jobqueue")
+    from distributed import LocalCluster
+
+    _, root = campaign
+    reference, _, _ = amp_store
+    cfg = tmp_path / "jobqueue.yaml"
+    cfg.write_text("cluster:\n  n_workers: 2\n  wait_timeout: 120\n"
+                   "dask:\n  jobqueue:\n    local:\n      cores: 1\n      processes: 1\n      memory: 2GiB\n"
+                   f"      log-directory: {tmp_path / 'logs'}\n")
+    workflows = os.path.join(os.path.dirname(__file__), os.pardir, "workflows")
+    common = ["--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--no-progress",
+              "--batch-size", "50"]
+    script = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--print-job-script",
+                             "--kind", "jobqueue-local", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0, script.stderr
+    assert "2GiB" in script.stdout or "2.00 GiB" in script.stdout or "memory-limit" in script.stdout
+    jq = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--kind", "jobqueue-local", str(cfg),
+                         "--output", str(tmp_path / "jq.zarr"), *common], capture_output=True, text=True, timeout=300)
+    assert jq.returncode == 0, jq.stderr
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster:
+        ex = subprocess.run([sys.executable, os.path.join(workflows, "existing_scheduler.py"),
+                             cluster.scheduler_address, "--output", str(tmp_path / "ex.zarr"), *common],
+                            capture_output=True, text=True, timeout=300)
+        assert ex.returncode == 0, ex.stderr
+        assert len(cluster.scheduler.workers) == 1  # left running for the next run
+    for store in ("jq.zarr", "ex.zarr"):
+        for name in FILTERS:
+            a = xr.open_zarr(reference, group=name).load()
+            b = xr.open_zarr(tmp_path / store, group=name).load()
+            # Another worker layout may round the matrix products' last bits differently.
+            xr.testing.assert_allclose(a.drop_attrs(), b.drop_attrs(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(a["used"].values, b["used"].values)

@@ -110,6 +110,8 @@ def _like(vector: np.ndarray, template, axis: int):
     if _is_dask(template):
         import dask.array as da
 
+        if _is_dask(vector):
+            return vector.rechunk((template.chunks[axis],))
         return da.from_array(vector, chunks=(template.chunks[axis],))
     return vector
 
@@ -219,6 +221,19 @@ def _unflatten(fit: ScaleResult, shape: tuple[int, ...]) -> ScaleResult:
     return dataclasses.replace(fit, **changes)
 
 
+# On dask, products with a vector are elementwise products and sums, not matmul: BLAS may round a chunk
+# differently with its memory alignment, which varies with how a worker received it, and reruns must give
+# identical numbers.  On numpy (one array, one process) BLAS is several times faster.
+def _row_dot(w, v: np.ndarray):
+    """sum_j w[i, j] v[j]"""
+    return (w * _like(v, w, 1)[None, :]).sum(axis=1) if _is_dask(w) else w @ v
+
+
+def _col_dot(w, v: np.ndarray):
+    """sum_i w[i, j] v[i]"""
+    return (w * _like(v, w, 0)[:, None]).sum(axis=0) if _is_dask(w) else v @ w
+
+
 def _persisted(*arrays, keep: bool):
     if not keep:
         return arrays
@@ -273,10 +288,10 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
         limit = max_iter if tol is not None else iterations
         for _ in range(limit):
             e_known = np.where(empty, 0.0, log_e)  # an empty exposure's column has no weight anyway
-            g_new = (row_wl - w @ e_known) / row_w_safe
+            g_new = (row_wl - _row_dot(w, e_known)) / row_w_safe
             # Rows without weight drop out of W^T g, so the fill below cannot change it: both passes
             # over W go in one graph and one round trip.
-            g_new, g_sum = _compute(g_new, w.T @ np.where(live_rows, g_new, 0.0))
+            g_new, g_sum = _compute(g_new, _col_dot(w, np.where(live_rows, g_new, 0.0)))
             g_new = np.array(g_new, dtype=np.float64)
             if filled.any():
                 g_new[filled] = g_new[live_rows].mean()
@@ -287,7 +302,7 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
             log_g = g_new
             if tol is not None and history[-1] < tol:
                 break
-        (g_sum,) = _compute(w.T @ np.where(live_rows, log_g, 0.0))
+        (g_sum,) = _compute(_col_dot(w, np.where(live_rows, log_g, 0.0)))
         log_e = update_e(np.asarray(g_sum, dtype=np.float64))
 
         e_known = np.where(empty, 0.0, log_e)
@@ -296,8 +311,8 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
         w2 = w * w
         inv_row = np.where(filled, 0.0, 1.0 / row_w_safe)
         inv_col = np.where(empty, 0.0, 1.0 / np.where(empty, np.nan, col_w))
-        sq, n_used, w2_col, w2_row = _compute((w * resid * resid).sum(), (w > 0).sum(), w2 @ inv_col,
-                                              w2.T @ inv_row)
+        sq, n_used, w2_col, w2_row = _compute((w * resid * resid).sum(), (w > 0).sum(), _row_dot(w2, inv_col),
+                                              _col_dot(w2, inv_row))
         scatter = float(np.sqrt(sq / row_w.sum()))
         # Residual variance per unit weight, per degree of freedom (one gauge freedom between e and g).
         dof = int(n_used) - int(live_rows.sum()) - int((~empty).sum()) + 1

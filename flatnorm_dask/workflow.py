@@ -97,7 +97,9 @@ def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
     """A node of :func:`flatnorm_dask.read_stats` reduced to what a scaling level uses and the store keeps:
     ``background`` and ``weight`` (the statistic and its pixel count) and the reading ``status``."""
     background, weight = solver_inputs(ds, level)
-    return xr.Dataset({"background": background, "weight": weight, "status": ds["status"]}, attrs=ds.attrs)
+    out = xr.Dataset({"background": background, "weight": weight, "status": ds["status"]}, attrs=ds.attrs)
+    # The amplifier names stay at detector level too: the cpFlatNormScales export lists expScale per amp.
+    return out.assign_coords(amp=ds["amp"])
 
 
 def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:

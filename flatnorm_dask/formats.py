@@ -86,19 +86,23 @@ _INT = r"[-+]?(?:0|[1-9][0-9]*)"
 _FLOAT = r"[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?"
 _SPECIAL = r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
 _WORD = r"[A-Za-z_][A-Za-z0-9_]*"
-_SQUOTED = r"'(?:[^'\n]|'')*'"
-_DQUOTED = r'"[^"\\\n]*"'
+# Quoted scalars and comments: printable ASCII only (no tab, CR or other control character: PyYAML folds
+# line breaks such as CR inside quotes, rejects control characters, and its pure loader rejects tabs as
+# separators where libyaml accepts them).
+_SQUOTED = r"'(?:[^'\x00-\x1f\x7f]|'')*'"
+_DQUOTED = r'"[^"\\\x00-\x1f\x7f]*"'
 _VALUE = f"{_INT}|{_FLOAT}|{_SPECIAL}|{_WORD}|{_SQUOTED}|{_DQUOTED}"
 _NAME = r"[A-Za-z_][A-Za-z0-9_.]*"
-# Comments are never used, but must be valid YAML scalars for the two paths to agree on what is an error.
-_COMMENT_BLOCK = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z0-9(][^\n#:'\"]*"
-_COMMENT_FLOW = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z0-9(][^\n#:,\[\]{{}}'\"]*"
+# Comments are never used, but must be valid YAML scalars for the two paths to agree on what is an error;
+# a plain one may not start with a digit (PyYAML fails on e.g. ``2001-13-45`` or ``0x_`` as a date or int),
+# nor hold '?' in flow style (the pure loader ends a plain scalar there, libyaml does not).
+_COMMENT_BLOCK = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z(][^#:'\"\x00-\x1f\x7f]*"
+_COMMENT_FLOW = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z(][^#:,?\[\]{{}}'\"\x00-\x1f\x7f]*"
 
 _BLOCK_ITEM = re.compile(
     rf"- - ({_NAME})\n  - ([A-Za-z]+)\n  - ({_VALUE})\n  - (?:{_COMMENT_BLOCK})(?:\n|\Z)")
 _FLOW_ITEM = re.compile(
-    rf"- \[[ \t]*({_NAME})[ \t]*,[ \t]*([A-Za-z]+)[ \t]*,[ \t]*({_VALUE})[ \t]*,[ \t]*"
-    rf"(?:{_COMMENT_FLOW})[ \t]*\][ \t]*(?:\n|\Z)")
+    rf"- \[ *({_NAME}) *, *([A-Za-z]+) *, *({_VALUE}) *, *(?:{_COMMENT_FLOW}) *\] *(?:\n|\Z)")
 _HEADERS = (f"!<{PROPERTYLIST_TAG}>\n", f"--- !<{PROPERTYLIST_TAG}>\n")
 
 # Plain words that YAML 1.1 does not read as strings.
@@ -124,6 +128,8 @@ def _scalar(token: str) -> Any:
 
 def _parse_fast(text: str) -> dict[str, Any]:
     """Name -> value of a PropertyList document in PyYAML's own layout; raises _Fallback otherwise."""
+    if not text.isascii():  # O(1) in CPython; non-ASCII line breaks and non-printables are PyYAML's
+        raise _Fallback
     for header in _HEADERS:
         if text.startswith(header):
             break
@@ -139,7 +145,10 @@ def _parse_fast(text: str) -> dict[str, Any]:
         name, _, value = m.groups()
         if name in _WORDS:  # a name like "true" would not be a string key for PyYAML
             raise _Fallback
-        record[name] = _scalar(value)
+        try:
+            record[name] = _scalar(value)
+        except ValueError:  # an int beyond Python's digit limit: PyYAML's error
+            raise _Fallback from None
     if pos != len(text) or not record:
         raise _Fallback
     return record
@@ -191,7 +200,11 @@ def _record_from_items(items: list, path) -> dict[str, Any]:
             if not value:
                 continue
             value = value[-1]
-        record[item[0]] = value
+        try:
+            record[item[0]] = value
+        except TypeError:  # a list or mapping as the name
+            raise StatsFormatError(path, f"PropertyList item {n} has an unhashable name: {item[0]!r:.60}") \
+                from None
     return record
 
 
@@ -244,7 +257,7 @@ def parse_record(text: str, path: str | os.PathLike | None = None) -> dict[str, 
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None  # e.g. a YAML flow mapping: YAML reads it below
         if isinstance(data, dict):
             return {k: (v[-1] if isinstance(v, list) and v else v) for k, v in data.items()}
@@ -262,7 +275,10 @@ def _number(record: Mapping[str, Any], key: str, path, required: bool = True) ->
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise StatsFormatError(path, f"not a number: {value!r:.60}", key=key)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise StatsFormatError(path, f"number out of range: {value!r:.60}", key=key) from None
 
 
 def _count(record: Mapping[str, Any], key: str, path) -> float:
@@ -306,6 +322,16 @@ def extract_stats(record: Mapping[str, Any], path: str | os.PathLike | None = No
 
 # --- Files -----------------------------------------------------------------------------------------------
 
+def _local_path(path: str | os.PathLike) -> str | os.PathLike:
+    """A plain path, or the file a ``file:`` URI names (``file:///a%20b`` -> ``/a b``, as lsst.resources reads it)."""
+    if isinstance(path, str) and path.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(path).path)
+    return path
+
+
 def _read_text(path: str | os.PathLike) -> str:
     try:
         if isinstance(path, str) and "://" in path and not path.startswith("file://"):
@@ -313,7 +339,7 @@ def _read_text(path: str | os.PathLike) -> str:
 
             data = ResourcePath(path).read()
         else:
-            with open(path.removeprefix("file://") if isinstance(path, str) else path, "rb") as f:
+            with open(_local_path(path), "rb") as f:
                 data = f.read()
     except ImportError:
         raise StatsFormatError(path, "reading URIs needs lsst-resources: pip install 'flatnorm-dask[butler]'") \

@@ -25,6 +25,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--camera", dest="input.camera", help="camera name (lsstcam, testcam) or camera CSV")
     src.add_argument("--on-error", dest="input.on_error", choices=["raise", "mask"], help="bad input: stop, or mask and record")
     src.add_argument("--batch-size", dest="input.batch_size", type=int, metavar="N", help="files per Dask task")
+    src.add_argument("--butler", dest="input.butler", metavar="REPO",
+                     help="LSST butler repository whose registry lists the inputs (instead of --input/--manifest)")
+    src.add_argument("--collections", dest="input.collections", metavar="C[,C2]",
+                     help="butler collections searched in order (first dataset of a data id wins)")
+    src.add_argument("--dataset-type", dest="input.dataset_type", metavar="NAME", help="default flatStats")
+    src.add_argument("--where", dest="input.where", metavar="EXPR", help="butler query expression")
+    src.add_argument("--instrument", dest="input.instrument", metavar="NAME",
+                     help="instrument (e.g. LSSTCam): restricts --butler; needed for --output-butler with files")
     fit = parser.add_argument_group("solve")
     fit.add_argument("--level", dest="solve.level", type=str.upper, choices=["DETECTOR", "AMP"])
     how = fit.add_mutually_exclusive_group()
@@ -38,6 +46,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output", dest="output.store", metavar="STORE.zarr", help="Zarr store to write")
     out.add_argument("--scales-yaml", dest="output.scales_yaml", metavar="FILE", help="also export cpFlatNormScales YAML")
     out.add_argument("--overwrite", dest="output.overwrite", action="store_true", default=None, help="replace an existing store")
+    out.add_argument("--output-butler", dest="output.butler", metavar="REPO",
+                     help="also put cpFlatNormScales per physical_filter into this butler repository")
+    out.add_argument("--output-run", dest="output.run", metavar="RUN", help="RUN collection for --output-butler")
     clu = parser.add_argument_group("cluster")
     clu.add_argument("--scheduler", dest="cluster.scheduler", metavar="ADDRESS",
                      help="running scheduler address, scheduler file, or slurm/pbs/... (dask-jobqueue); default: local")

@@ -75,6 +75,11 @@ class InputConfig:
     camera: str | None = _option("lsstcam", "str", nullable=True)
     on_error: str = _option("raise", "choice", choices=("raise", "mask"))
     batch_size: int = _option(1000, "int", minimum=1)
+    butler: str | None = _option(None, "path", nullable=True)
+    collections: list[str] | None = _option(None, "strlist", nullable=True)
+    dataset_type: str = _option("flatStats", "str")
+    where: str | None = _option(None, "str", nullable=True)
+    instrument: str | None = _option(None, "str", nullable=True)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ class OutputConfig:
     store: str | None = _option(None, "path", nullable=True)
     overwrite: bool = _option(False, "bool")
     scales_yaml: str | None = _option(None, "path", nullable=True)
+    butler: str | None = _option(None, "path", nullable=True)
+    run: str | None = _option(None, "str", nullable=True)
 
 
 @dataclass(frozen=True)
@@ -265,13 +272,20 @@ def _build(source: str, data: Any, overrides: Mapping[str, object] | None) -> Co
             values[section].pop(option, None)  # back to its default (None)
             origin.pop(dropped, None)
     _check_exclusive(values, origin)
+    _check_complete(values, origin)
 
     return Config(**{name: SECTIONS[name](**values[name]) for name in SECTIONS}, dask=dask_keys)
 
 
+# The two ways of finding inputs: files below a directory (pattern or manifest), or a butler registry.
+_FILE_KEYS = ("input.root", "input.pattern", "input.manifest")
+_BUTLER_KEYS = ("input.butler", "input.collections", "input.where")
+
 #: (set by an override, reset to its default unless also overridden): a flag replaces the file's choice.
 _FLAG_WINS = (("input.pattern", "input.manifest"), ("input.manifest", "input.pattern"),
-              ("solve.iterations", "solve.tol"))
+              ("solve.iterations", "solve.tol"),
+              *(("input.butler", key) for key in _FILE_KEYS),
+              *((key, other) for key in _FILE_KEYS for other in _BUTLER_KEYS))
 
 
 def _get(values: dict[str, dict[str, Any]], key: str) -> Any:
@@ -285,6 +299,32 @@ def _check_exclusive(values: dict[str, dict[str, Any]], origin: dict[str, str]) 
         raise ConfigError(origin["input.manifest"], "input.manifest",
                           f"cannot be combined with input.pattern (set in {origin['input.pattern']}); "
                           f"give one way of finding the files")
+    if inp.get("butler") is not None:
+        for key in _FILE_KEYS:
+            if _get(values, key) is not None:
+                raise ConfigError(origin[key], key, f"cannot be combined with input.butler (set in "
+                                  f"{origin['input.butler']}); give one way of finding the files")
+
+
+def _check_complete(values: dict[str, dict[str, Any]], origin: dict[str, str]) -> None:
+    """Options that need one another, checked once every layer is applied."""
+    inp, out = values["input"], values["output"]
+    if inp.get("butler") is not None and not inp.get("collections"):
+        raise ConfigError(origin["input.butler"], "input.collections",
+                          "required with input.butler: the collections to search (--collections)")
+    if inp.get("butler") is None:
+        for key in ("input.collections", "input.where"):
+            if _get(values, key) is not None:
+                raise ConfigError(origin[key], key, "only applies to a butler repository (input.butler)")
+    if (out.get("butler") is None) != (out.get("run") is None):
+        given, missing = ("output.butler", "output.run") if out.get("butler") is not None else \
+            ("output.run", "output.butler")
+        raise ConfigError(origin[given], missing, f"required with {given}: output.butler is the repository "
+                          "and output.run the new RUN collection the scales are put into")
+    if out.get("butler") is not None and inp.get("butler") is None and inp.get("instrument") is None:
+        raise ConfigError(origin["output.butler"], "input.instrument",
+                          "required with output.butler when the inputs are files, not a butler: the "
+                          "instrument of the output data ids (e.g. LSSTCam)")
 
 
 def _dask_section(body: Any, source: str) -> dict[str, Any]:
@@ -349,6 +389,15 @@ def _check(value: Any, rule: Mapping[str, Any], key: str, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(where, key, f"expected a non-empty string, got {_kind(value)} {value!r}")
         return os.path.expanduser(value) if kind == "path" else value
+    if kind == "strlist":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(where, key, f"expected a list of names (or one comma-separated string), got "
+                              f"{_kind(value)} {value!r}")
+        items = [v.strip() for v in items if v.strip()]
+        if not items:
+            raise ConfigError(where, key, f"expected at least one name, got {value!r}")
+        return items
     if kind == "choice":
         if isinstance(value, str):
             for choice in rule["choices"]:

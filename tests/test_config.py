@@ -46,9 +46,15 @@ def test_schema_defaults_are_exactly_default_yaml(clean_dask_env):
 
 def test_default_yaml_documents_every_option_once():
     lines = DEFAULT.read_text().splitlines()
-    options = [(i, m.group(1)) for i, line in enumerate(lines) if (m := re.match(r"^  ([a-z_]+):", line))]
+    options, section = [], None
+    for i, line in enumerate(lines):
+        if m := re.match(r"^([a-z_]+):", line):
+            section = m.group(1)
+        elif m := re.match(r"^  ([a-z_]+):", line):
+            options.append((i, f"{section}.{m.group(1)}"))  # e.g. input.butler and output.butler
     names = [name for _, name in options]
     assert len(names) == len(set(names)) == sum(len(SECTIONS[s].__dataclass_fields__) for s in SECTIONS)
+    assert set(names) == {f"{s}.{o}" for s in SECTIONS for o in SECTIONS[s].__dataclass_fields__}
     for i, name in options:
         assert lines[i - 1].strip().startswith("#"), f"option {name} has no comment above it"
     assert re.search(r"^dask:", DEFAULT.read_text(), re.M) and lines[lines.index("dask: {}") - 1].startswith("#")

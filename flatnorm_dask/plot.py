@@ -53,13 +53,17 @@ def focal_plane(ds, camera: Any = None, *, label: bool = True):
     -------
     matplotlib.figure.Figure
         Its first axes holds one ``PatchCollection`` whose array lists the scales tile by tile, in the
-        order of ``ds.detector`` (and ``ds.amp`` within a detector); NaN tiles are masked.
+        order of ``ds.detector`` (and ``ds.amp`` within a detector); NaN tiles are masked, and so are
+        rows without a used cell, whose G is only the fill value (the mean of the others).
     """
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
     cam = _camera_of(ds, camera)
-    scale = ds["det_scale"].load()
+    scale = ds["det_scale"]
+    if "used" in ds:
+        scale = scale.where(ds["used"].any("exposure"))
+    scale = scale.load()
     det_ids = scale["detector"].values
     index = {int(d): i for i, d in enumerate(cam.detector)}
     missing = [int(d) for d in det_ids if int(d) not in index]

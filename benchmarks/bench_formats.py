@@ -1,0 +1,227 @@
+"""Reading flat-statistics files: our parser against a raw read, PyYAML's loaders and a 2-worker cluster.
+
+Usage::
+
+    python benchmarks/bench_formats.py [--files 20000] [--dir DIR] [--sample 500] [--batch 1000] [--repeat 3]
+
+Writes ``--files`` PropertyList YAML files (block style, as the butler writes them) of a simulated LSSTCam
+campaign (189 detectors x 16 amplifiers, as many exposures as needed) under ``--dir`` (default: a fresh
+directory in ``/dev/shm`` when it exists, so that the disk does not dominate; removed afterwards unless
+``--keep``), then times, per file and in one process:
+
+- raw read: ``open`` + ``read`` of the bytes;
+- ``yaml.safe_load`` with a constructor for the PropertyList tag (pure-Python loader, what the butler does),
+  on a sample of ``--sample`` files, extrapolated per file;
+- PyYAML's ``CSafeLoader`` (libyaml) with the same constructor, on a sample;
+- ``flatnorm_dask.formats.read_stats``, serially over all files;
+- ``read_stats`` on a 2-worker ``distributed.LocalCluster`` (processes, one thread each) over all files in
+  batches of ``--batch`` files per task (cluster start-up timed apart), and the same batches on a plain
+  ``multiprocessing.Pool`` of as many processes: the parallel speed-up this machine allows at all.
+
+Diagnostics: ``read_stats`` without the layout cache (the item-by-item parser, what a first file or files of
+all-different layouts cost) on the sample, and ``float()`` of each file's numbers alone, the part of the
+parse that exactness makes irreducible in Python.
+
+Serial timings are the best of ``--repeat`` passes (the files are in the page cache / tmpfs after writing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+TAG = "lsst.daf.base.PropertyList"
+
+
+class _ButlerLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` plus the PropertyList tag (the butler registers one on the safe loader)."""
+
+
+class _CLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The same on libyaml."""
+
+
+for _loader in (_ButlerLoader, _CLoader):
+    _loader.add_constructor(TAG, lambda loader, node: loader.construct_sequence(node, deep=True))
+
+
+def read_batch(paths: list[str]) -> np.ndarray:
+    """Statistics of a batch of files: array (n, 3, 1 + nAmp), detector first then amplifiers."""
+    from flatnorm_dask.formats import read_stats
+
+    rows = [read_stats(p) for p in paths]
+    out = np.empty((len(rows), 3, 1 + (rows[0].amp.shape[1] if rows else 0)))
+    for i, row in enumerate(rows):
+        out[i, :, 0] = row.det
+        out[i, :, 1:] = row.amp
+    return out
+
+
+def _raw(paths: list[str]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            f.read()
+
+
+def _yaml(paths: list[str], loader: type) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            items = yaml.load(f.read().decode(), Loader=loader)
+        assert len(items) > 0
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def write_files(n_files: int, outdir: Path) -> list[str]:
+    """At least ``n_files`` files of a simulated LSSTCam campaign; returns the first ``n_files`` paths."""
+    from flatnorm_dask.simulate import simulate_campaign, write_campaign
+
+    n_det = 189
+    tree = simulate_campaign("lsstcam", n_exposures=max(1, math.ceil(n_files / n_det)), filters=("r_57",),
+                             seed=1)
+    manifest = write_campaign(tree, outdir, layout="simple", style="block")
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [str(outdir / r["path"]) for r in rows[:n_files]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=20_000)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory in "
+                                                    "/dev/shm if it exists, else the system temp dir)")
+    parser.add_argument("--sample", type=int, default=500, help="files timed with the PyYAML loaders")
+    parser.add_argument("--batch", type=int, default=1000, help="files per cluster task")
+    parser.add_argument("--repeat", type=int, default=3, help="passes per serial timing (best is kept)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the files")
+    args = parser.parse_args()
+
+    base = args.dir if args.dir is not None else ("/dev/shm" if Path("/dev/shm").is_dir() else None)
+    if base is not None:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    outdir = Path(tempfile.mkdtemp(prefix="bench_formats_", dir=base))
+    try:
+        run(args, outdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(outdir, ignore_errors=True)
+        else:
+            print(f"files kept in {outdir}")
+
+
+def run(args, outdir: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    from flatnorm_dask import formats
+    from flatnorm_dask.formats import read_stats
+
+    t0 = time.perf_counter()
+    paths = write_files(args.files, outdir)
+    n = len(paths)
+    size = sum(os.path.getsize(p) for p in paths)
+    print(f"wrote {n} files ({size / n:.0f} bytes each, {size / 1e6:.1f} MB) under {outdir} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    assert formats._parse_fast(Path(paths[0]).read_text())  # the files take the fast path
+    sample = paths[:: max(1, n // args.sample)][: args.sample]
+    us = 1e6
+
+    raw = _best(lambda: _raw(paths), args.repeat) / n
+    pure = _best(lambda: _yaml(sample, _ButlerLoader), 1) / len(sample)
+    clib = _best(lambda: _yaml(sample, _CLoader), args.repeat) / len(sample)
+    serial_result = []
+    serial = _best(lambda: serial_result.__setitem__(slice(None), [read_stats(p) for p in paths]),
+                   args.repeat) / n
+    assert formats._LAYOUTS, "no layout was learnt"
+
+    # Diagnostics: the item-by-item parser alone, and float() of the numbers alone.
+    learn, layouts = formats._learn, list(formats._LAYOUTS)
+    formats._learn = lambda text, record: None
+    formats._LAYOUTS.clear()
+    try:
+        item_parser = _best(lambda: [read_stats(p) for p in sample], args.repeat) / len(sample)
+    finally:
+        formats._learn = learn
+        formats._LAYOUTS[:] = layouts
+    tokens = []
+    for p in paths:
+        layout, match = formats._match_layout(Path(p).read_text())
+        tokens.append(layout.stats(match.groups() + ("nan",)))
+    spell = formats._FLOAT_TEXT.get
+    floats_only = _best(lambda: [list(map(float, map(spell, t, t))) for t in tokens], args.repeat) / n
+
+    batches = [paths[i:i + args.batch] for i in range(0, n, args.batch)]
+    t0 = time.perf_counter()
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("flatnorm_dask.formats"))  # workers up and the module imported
+        startup = time.perf_counter() - t0
+        cluster_times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            futures = client.map(read_batch, batches, pure=False)
+            arrays = client.gather(futures)
+            cluster_times.append(time.perf_counter() - t0)
+            del futures
+        on_cluster = min(cluster_times) / n
+
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        pool.map(read_batch, batches[: args.workers], chunksize=1)  # start and import
+        pool_times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            pool.map(read_batch, batches, chunksize=1)
+            pool_times.append(time.perf_counter() - t0)
+        on_pool = min(pool_times) / n
+
+    # The cluster read the same numbers as the serial pass.
+    together = np.concatenate(arrays)
+    expected = read_batch(paths[: len(together)])
+    assert together.shape == (n, 3, 17), together.shape
+    np.testing.assert_array_equal(together, expected)
+    assert len(serial_result) == n
+
+    print(f"\nper file (microseconds); PyYAML loaders on a sample of {len(sample)} files, extrapolated per file; "
+          f"serial figures best of {args.repeat} passes over {n} files")
+    print(f"  raw read (open + read)                  {raw * us:10.1f}")
+    print(f"  yaml.safe_load + tag (pure, butler)     {pure * us:10.1f}   (sample of {len(sample)})")
+    print(f"  PyYAML CSafeLoader + tag (libyaml)      {clib * us:10.1f}   (sample of {len(sample)})")
+    print(f"  read_stats, serial (1 core)             {serial * us:10.1f}")
+    print(f"  read_stats, {args.workers}-worker LocalCluster, wall   {on_cluster * us:10.1f}   "
+          f"({len(batches)} tasks of <= {args.batch} files, best of {args.repeat})")
+    print(f"  cluster start-up (not included above)   {startup:10.2f} s")
+    print(f"  read_stats, {args.workers}-process multiprocessing.Pool  {on_pool * us:10.1f}   (same batches)")
+    print(f"  read_stats without layouts (item parser) {item_parser * us:9.1f}   (sample of {len(sample)})")
+    print(f"  float() of each file's numbers alone    {floats_only * us:10.1f}   "
+          f"({len(tokens[0])} numbers a file)")
+    print("\nratios")
+    print(f"  safe_load / ours          {pure / serial:8.1f} x   (expected >= 100)")
+    print(f"  CSafeLoader / ours        {clib / serial:8.1f} x")
+    print(f"  ours / raw read           {serial / raw:8.2f} x   (expected <= 3 per core)")
+    print(f"  serial / cluster speed-up {serial / on_cluster:8.2f} x   (expected ~{args.workers} on "
+          f"{args.workers} cores; this machine has {os.cpu_count()} CPUs)")
+    print(f"  serial / Pool speed-up    {serial / on_pool:8.2f} x   (the machine's own ceiling for this work)")
+    print(f"  (raw read + float() alone) / raw read {(raw + floats_only) / raw:6.2f} x")
+    print(f"  files per second: serial {1 / serial:,.0f}, cluster {1 / on_cluster:,.0f}")
+
+
+if __name__ == "__main__":
+    main()

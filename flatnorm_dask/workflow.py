@@ -229,7 +229,7 @@ def run(cfg: Config, *, show_progress: bool = True,
     from . import butler
     from .camera import load_camera
 
-    inp, solve, output = cfg.input, cfg.solve, cfg.output
+    inp, output = cfg.input, cfg.output
     if not output.store:
         raise ValueError("no output store given (output.store / --output)")
     store_path = Path(output.store)

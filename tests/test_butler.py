@@ -26,6 +26,7 @@ from flatnorm_dask.config import Config, ConfigError, load_config
 from flatnorm_dask.ingest import discover
 from flatnorm_dask.simulate import BUTLER_PATTERN, SIMPLE_PATTERN, simulate_campaign, write_campaign
 from flatnorm_dask.store import export_scales, open_store
+from helpers import error_line  # noqa: E402
 
 INSTRUMENT = "LSSTCam"
 FILTERS = ("g_6", "r_57")
@@ -52,13 +53,6 @@ def flatnorm(*args, prelude: str = "", timeout=300):
                           timeout=timeout)
 
 
-def error_line(result) -> str:
-    """The one error line of a failed run: last on stderr, alone, no traceback."""
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert [line for line in lines if line.startswith("flatnorm: error:")] == lines[-1:]
-    return lines[-1]
 
 
 def assert_scales_close(got, expected, rtol=1e-12, where="scales"):

@@ -25,7 +25,7 @@ from flatnorm_dask.simulate import format_propertylist
 
 SAMPLES = Path("/work/shared/reference/samples")
 SAMPLE_FILES = sorted(SAMPLES.glob("flatStats_*.yaml"))
-TAG = "lsst.daf.base.PropertyList"
+from helpers import TAG, Items, PropertyListDumper, PropertyListLoader  # noqa: E402
 HEADER = f"!<{TAG}>\n"
 NAN, INF = math.nan, math.inf
 
@@ -42,33 +42,17 @@ def fresh_layouts():
 
 # --- Independent reference: plain PyYAML with our own tag constructor, and our own extraction -------------
 
-class IndependentLoader(yaml.SafeLoader):
-    """safe_load plus the PropertyList tag, as the butler reads these files (pure-Python loader)."""
-
-
-IndependentLoader.add_constructor(TAG, lambda loader, node: loader.construct_sequence(node, deep=True))
-
-
-class Dumper(yaml.SafeDumper):
-    """PyYAML writing a PropertyList with the same representer shape as LSST's."""
-
-
-class Items(list):
-    pass
-
-
-Dumper.add_representer(Items, lambda dumper, data: dumper.represent_sequence(TAG, list(data)))
 
 
 def dump(items, style="block", explicit_start=False, width=None, allow_unicode=False):
-    return yaml.dump(Items([list(i) for i in items]), Dumper=Dumper,
+    return yaml.dump(Items([list(i) for i in items]), Dumper=PropertyListDumper,
                      default_flow_style=False if style == "block" else None, explicit_start=explicit_start,
                      width=width, allow_unicode=allow_unicode, sort_keys=False)
 
 
 def independent_record(text):
     """Name -> value through yaml.load with our own constructor; a list value's last element wins."""
-    items = yaml.load(text, Loader=IndependentLoader)
+    items = yaml.load(text, Loader=PropertyListLoader)
     return {i[0]: (i[2][-1] if isinstance(i[2], list) else i[2]) for i in items}
 
 

@@ -4,7 +4,6 @@ import base64
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from flatnorm_dask.cli import main

@@ -7,7 +7,6 @@ pytest.importorskip("matplotlib")
 
 from flatnorm_dask import plot  # noqa: E402
 from flatnorm_dask.camera import load_camera  # noqa: E402
-from flatnorm_dask.ingest import solver_inputs  # noqa: E402
 from flatnorm_dask.simulate import simulate_campaign  # noqa: E402
 from flatnorm_dask.workflow import scale_dataset, solve_dataset  # noqa: E402
 

@@ -22,33 +22,17 @@ from flatnorm_dask.simulate import (
 )
 
 SAMPLES = Path("/work/shared/reference/samples")
-TAG = "lsst.daf.base.PropertyList"
+from helpers import Items, PropertyListDumper, PropertyListLoader  # noqa: E402
 
 
-class Loader(yaml.SafeLoader):
-    """safe_load plus the PropertyList tag, as the butler reads these files."""
-
-
-Loader.add_constructor(TAG, lambda loader, node: loader.construct_sequence(node, deep=True))
-
-
-class Dumper(yaml.SafeDumper):
-    """PyYAML writing a PropertyList the way the samples were written: the reference for exactness."""
-
-
-class Items(list):
-    pass
-
-
-Dumper.add_representer(Items, lambda dumper, data: dumper.represent_sequence(TAG, list(data)))
 
 
 def pyyaml_text(items, style):
-    return yaml.dump(Items(items), Dumper=Dumper, default_flow_style=False if style == "block" else None)
+    return yaml.dump(Items(items), Dumper=PropertyListDumper, default_flow_style=False if style == "block" else None)
 
 
 def read_items(text):
-    return yaml.load(text, Loader=Loader)
+    return yaml.load(text, Loader=PropertyListLoader)
 
 
 def same_value(a, b):

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr

@@ -14,6 +14,7 @@ import yaml
 from flatnorm_dask import measure_scales, scales_dict
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
 from flatnorm_dask.store import IncompleteStoreError, is_complete, open_store
+from helpers import error_line  # noqa: E402
 
 FILTERS = ("g_6", "r_57")
 
@@ -43,13 +44,6 @@ def amp_store(campaign, tmp_path_factory):
     return store, scales, result
 
 
-def error_line(result) -> str:
-    """The one error line of a failed run: last on stderr, alone, no traceback (log lines may precede it)."""
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert [line for line in lines if line.startswith("flatnorm: error:")] == lines[-1:]
-    return lines[-1]
 
 
 def numpy_fit(ds, level):

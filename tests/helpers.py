@@ -1,0 +1,32 @@
+"""Shared by the tests: PyYAML with the PropertyList tag (an independent reader/writer), the CLI's error line."""
+
+import yaml
+
+TAG = "lsst.daf.base.PropertyList"
+
+
+class PropertyListLoader(yaml.SafeLoader):
+    """safe_load plus the PropertyList tag, as the butler reads these files (pure-Python loader)."""
+
+
+PropertyListLoader.add_constructor(TAG, lambda loader, node: loader.construct_sequence(node, deep=True))
+
+
+class PropertyListDumper(yaml.SafeDumper):
+    """PyYAML writing a PropertyList with the same representer shape as LSST's."""
+
+
+class Items(list):
+    """A list that PropertyListDumper writes as a tagged PropertyList sequence."""
+
+
+PropertyListDumper.add_representer(Items, lambda dumper, data: dumper.represent_sequence(TAG, list(data)))
+
+
+def error_line(result) -> str:
+    """The one error line of a failed run: last on stderr, alone, no traceback (log lines may precede it)."""
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("flatnorm: error:")] == lines[-1:]
+    return lines[-1]

@@ -22,9 +22,11 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
+from ._text import one_line
 from .ingest import IngestError
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,8 @@ def _open(repo: str, *, writeable: bool):
     try:
         return daf_butler.Butler.from_config(os.fspath(repo), writeable=writeable)
     except Exception as err:  # FileNotFoundError, bad config, database errors...
-        raise ButlerError(f"{repo}: cannot open the butler repository: {_first_line(err)}") from None
+        raise ButlerError(f"{repo}: cannot open the butler repository: {one_line(err)}") from None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    if isinstance(err, KeyError) and text[:1] in "'\"":
-        text = text[1:-1]
-    return " ".join(text.split())
 
 
 def _path_of(uri) -> str:
@@ -146,7 +142,7 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, datas
         hint = ""
         if "without constraining" in str(err):
             hint = "; give the instrument (--instrument / input.instrument) or add instrument='NAME' to --where"
-        raise ButlerError(f"{repo}: cannot query {what}: {_first_line(err)}{hint}") from None
+        raise ButlerError(f"{repo}: cannot query {what}: {one_line(err)}{hint}") from None
     if not refs:
         raise IngestError(f"{repo}: no {what}" + (f" for instrument {instrument}" if instrument else ""))
     instruments = sorted({str(ref.dataId["instrument"]) for ref in refs})
@@ -156,7 +152,7 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, datas
     try:
         uris = butler.get_many_uris(refs)
     except Exception as err:
-        raise ButlerError(f"{repo}: cannot locate the files of {what}: {_first_line(err)}") from None
+        raise ButlerError(f"{repo}: cannot locate the files of {what}: {one_line(err)}") from None
     paths = []
     for ref in refs:
         uri = uris[ref].primaryURI
@@ -215,7 +211,7 @@ class ScalesOutput:
                 butler.registry.expandDataId(instrument=instrument, physical_filter=name)
             except Exception as err:
                 raise ButlerError(f"{repo}: physical_filter {name!r} of instrument {instrument!r} is not in the "
-                                  f"output repository's registry ({_first_line(err)})") from None
+                                  f"output repository's registry ({one_line(err)})") from None
         try:
             kind = butler.registry.getCollectionType(run)
         except daf_butler.MissingCollectionError:

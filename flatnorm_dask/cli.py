@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ._text import one_line
+
 __all__ = ["main"]
 
 log = logging.getLogger("flatnorm_dask")
@@ -190,13 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
-    if isinstance(err, KeyError) and text.startswith(("'", '"')):
-        text = text[1:-1]  # KeyError repr-quotes its message
-    return " ".join(text.split())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -212,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line for the user; the traceback only on request
         if args.debug:
             raise
-        print(f"flatnorm: error: {_one_line(err)}", file=sys.stderr)
+        print(f"flatnorm: error: {one_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ._text import one_line
+from .schema import LEVELS, ON_ERROR
 
 __all__ = ["main"]
 
@@ -25,7 +26,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--pattern", dest="input.pattern", help="file pattern below DIR with {fields}")
     src.add_argument("--manifest", dest="input.manifest", metavar="FILE", help="CSV/Parquet: path,exposure,detector[,physical_filter]")
     src.add_argument("--camera", dest="input.camera", help="camera name (lsstcam, testcam) or camera CSV")
-    src.add_argument("--on-error", dest="input.on_error", choices=["raise", "mask"], help="bad input: stop, or mask and record")
+    src.add_argument("--on-error", dest="input.on_error", choices=ON_ERROR, help="bad input: stop, or mask and record")
     src.add_argument("--batch-size", dest="input.batch_size", type=int, metavar="N", help="files per Dask task")
     src.add_argument("--butler", dest="input.butler", metavar="REPO",
                      help="LSST butler repository whose registry lists the inputs (instead of --input/--manifest)")
@@ -36,7 +37,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--instrument", dest="input.instrument", metavar="NAME",
                      help="instrument (e.g. LSSTCam): restricts --butler; needed for --output-butler with files")
     fit = parser.add_argument_group("solve")
-    fit.add_argument("--level", dest="solve.level", type=str.upper, choices=["DETECTOR", "AMP"])
+    fit.add_argument("--level", dest="solve.level", type=str.upper, choices=LEVELS)
     how = fit.add_mutually_exclusive_group()
     how.add_argument("--iterations", dest="solve.iterations", type=int, metavar="N", help="fixed iteration count")
     how.add_argument("--tol", dest="solve.tol", type=float, metavar="T", help="iterate until max |change of log G| < T")

@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from dask import config as dask_config
 
+from .schema import LEVELS, ON_ERROR
+
 __all__ = [
     "ClusterConfig",
     "Config",
@@ -73,7 +75,7 @@ class InputConfig:
     pattern: str | None = _option(None, "str", nullable=True)
     manifest: str | None = _option(None, "path", nullable=True)
     camera: str | None = _option("lsstcam", "str", nullable=True)
-    on_error: str = _option("raise", "choice", choices=("raise", "mask"))
+    on_error: str = _option("raise", "choice", choices=ON_ERROR)
     batch_size: int = _option(1000, "int", minimum=1)
     butler: str | None = _option(None, "path", nullable=True)
     collections: list[str] | None = _option(None, "strlist", nullable=True)
@@ -86,7 +88,7 @@ class InputConfig:
 class SolveConfig:
     """How the decomposition is fitted (``solve`` section)."""
 
-    level: str = _option("DETECTOR", "choice", choices=("DETECTOR", "AMP"))
+    level: str = _option("DETECTOR", "choice", choices=LEVELS)
     iterations: int = _option(10, "int", minimum=1)
     tol: float | None = _option(None, "float", nullable=True, positive=True)
     max_iter: int = _option(1000, "int", minimum=1)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .schema import ON_ERROR
 from .formats import StatsFormatError, read_stats as read_stats_file
 
 __all__ = [
@@ -339,8 +340,8 @@ def read_stats(
     """
     import xarray as xr
 
-    if on_error not in ("raise", "mask"):
-        raise ValueError(f"on_error must be 'raise' or 'mask', got {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     if files is None:

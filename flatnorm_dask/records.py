@@ -13,19 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from .schema import check_level
 from .solver import measure_scales
 
-__all__ = ["LEVELS", "normalize", "records_to_matrices", "scales_dict"]
-
-LEVELS = ("DETECTOR", "AMP")
-
-
-def check_level(level: str) -> str:
-    """Normalise a scaling level name, refusing unknown ones."""
-    upper = str(level).upper()
-    if upper not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-    return upper
+__all__ = ["normalize", "records_to_matrices", "scales_dict"]
 
 
 def _amp_names_of(record: Mapping[str, Any], where: str) -> list[str]:

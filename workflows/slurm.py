@@ -14,10 +14,11 @@ import argparse
 import sys
 
 from flatnorm_dask.cli import main
+from flatnorm_dask.cluster import JOBQUEUE_KINDS
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--kind", default="slurm", choices=["slurm", "pbs", "sge", "lsf", "htcondor", "jobqueue-local"])
+    parser.add_argument("--kind", default="slurm", choices=JOBQUEUE_KINDS)
     parser.add_argument("--print-job-script", action="store_true")
     known, rest = parser.parse_known_args()
     if known.print_job_script:

@@ -7,60 +7,60 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ._text import one_line
-from .schema import LEVELS, ON_ERROR
 
 __all__ = ["main"]
 
 log = logging.getLogger("flatnorm_dask")
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The config argument and one flag per option of the schema (name, help, metavar from its Option).
+
+    Flags store their text; :func:`_overrides` turns it into values and :func:`load_config` validates them,
+    so a bad value is one line naming the option.  ``defaults`` are this command's own (shown in the help).
+    """
+    from .config import EXCLUSIVE_FLAGS, OPTIONS, SECTIONS
+
     parser.add_argument("config", nargs="?", help="YAML config (see configs/default.yaml); flags override it")
-    src = parser.add_argument_group("input")
-    src.add_argument("--input", dest="input.root", metavar="DIR", help="directory holding the statistics files")
-    src.add_argument("--pattern", dest="input.pattern", help="file pattern below DIR with {fields}")
-    src.add_argument("--manifest", dest="input.manifest", metavar="FILE", help="CSV/Parquet: path,exposure,detector[,physical_filter]")
-    src.add_argument("--camera", dest="input.camera", help="camera name (lsstcam, testcam) or camera CSV")
-    src.add_argument("--on-error", dest="input.on_error", choices=ON_ERROR, help="bad input: stop, or mask and record")
-    src.add_argument("--batch-size", dest="input.batch_size", type=int, metavar="N", help="files per Dask task")
-    src.add_argument("--butler", dest="input.butler", metavar="REPO",
-                     help="LSST butler repository whose registry lists the inputs (instead of --input/--manifest)")
-    src.add_argument("--collections", dest="input.collections", metavar="C[,C2]",
-                     help="butler collections searched in order (first dataset of a data id wins)")
-    src.add_argument("--dataset-type", dest="input.dataset_type", metavar="NAME", help="default flatStats")
-    src.add_argument("--where", dest="input.where", metavar="EXPR", help="butler query expression")
-    src.add_argument("--instrument", dest="input.instrument", metavar="NAME",
-                     help="instrument (e.g. LSSTCam): restricts --butler; needed for --output-butler with files")
-    fit = parser.add_argument_group("solve")
-    fit.add_argument("--level", dest="solve.level", type=str.upper, choices=LEVELS)
-    how = fit.add_mutually_exclusive_group()
-    how.add_argument("--iterations", dest="solve.iterations", type=int, metavar="N", help="fixed iteration count")
-    how.add_argument("--tol", dest="solve.tol", type=float, metavar="T", help="iterate until max |change of log G| < T")
-    fit.add_argument("--max-iter", dest="solve.max_iter", type=int, metavar="N", help="iteration limit with --tol")
-    fit.add_argument("--clip-sigma", dest="solve.clip_sigma", type=float, metavar="K",
-                     help="robust fit: reject cells beyond K robust sigmas and refit")
-    fit.add_argument("--clip-rounds", dest="solve.clip_rounds", type=int, metavar="N", help="most rejection rounds")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", dest="output.store", metavar="STORE.zarr", help="Zarr store to write")
-    out.add_argument("--scales-yaml", dest="output.scales_yaml", metavar="FILE", help="also export cpFlatNormScales YAML")
-    out.add_argument("--overwrite", dest="output.overwrite", action="store_true", default=None, help="replace an existing store")
-    out.add_argument("--output-butler", dest="output.butler", metavar="REPO",
-                     help="also put cpFlatNormScales per physical_filter into this butler repository")
-    out.add_argument("--output-run", dest="output.run", metavar="RUN", help="RUN collection for --output-butler")
-    clu = parser.add_argument_group("cluster")
-    clu.add_argument("--scheduler", dest="cluster.scheduler", metavar="ADDRESS",
-                     help="running scheduler address, scheduler file, or slurm/pbs/... (dask-jobqueue); default: local")
-    clu.add_argument("--workers", dest="cluster.n_workers", type=int, metavar="N", help="worker processes (or jobs)")
+    groups = {section: parser.add_argument_group(section, " ".join((cls.__doc__ or "").split(".")[0].split()))
+              for section, cls in SECTIONS.items()}
+    exclusive = {}
+    for keys in EXCLUSIVE_FLAGS:
+        group = groups[keys[0].split(".")[0]].add_mutually_exclusive_group()
+        exclusive.update(dict.fromkeys(keys, group))
+    for key, opt in OPTIONS.items():
+        if key in defaults:
+            opt = dataclasses.replace(opt, default=defaults[key])
+        group = exclusive.get(key) or groups[key.split(".")[0]]
+        help_text = opt.help.replace("%", "%%")  # argparse formats help with %
+        if opt.kind == "bool":
+            group.add_argument(opt.flag, dest=key, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(opt.flag, dest=key, metavar=opt.cli_metavar, help=help_text)
+    parser.set_defaults(**defaults)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    """The flags given (and the command's own defaults), as dotted config keys and values."""
+    from .config import OPTIONS
+
+    return {key: OPTIONS[key].from_text(value) if isinstance(value, str) else value
+            for key, value in vars(args).items() if key in OPTIONS and value is not None}
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None):
+    """The run's :class:`~flatnorm_dask.config.Config`: the config file, then ``base``, then the flags."""
+    from .config import load_config
+
+    return load_config(args.config, {**(base or {}), **_overrides(args)}, overrides_source="command line")
 
 
 def _quieten(debug: bool) -> None:
@@ -78,21 +78,18 @@ def _execute(cfg, show_progress: bool):
     from .workflow import run
 
     _quieten(log.isEnabledFor(logging.DEBUG))
-    with dask.config.set(cfg.dask_settings()):
-        return run(cfg, show_progress=show_progress, cluster=connect)
+    with dask.config.set(cfg.dask_settings()):  # the user's dask keys (jobqueue.*, distributed.*) for the run
+        return run(cfg, show_progress=show_progress, cluster=lambda: connect(cfg.cluster))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, _overrides(args))
+    cfg = config_from_args(args)
     summary = _execute(cfg, not args.no_progress)
     print(summary)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .simulate import BUTLER_PATTERN, simulate_campaign, write_campaign
 
     workdir = Path(args.workdir)
@@ -103,12 +100,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tree = simulate_campaign("lsstcam", n_detectors=args.detectors, n_exposures=args.exposures,
                                  filters=args.filters, seed=args.seed)
         write_campaign(tree, inputs, layout="butler")
-    cfg = load_config(args.config, {
+    cfg = config_from_args(args, {
         "input.root": str(inputs), "input.pattern": BUTLER_PATTERN, "input.camera": "lsstcam",
         "output.store": str(workdir / "scales.zarr"), "output.overwrite": True,
-        "output.scales_yaml": str(workdir / "cpFlatNormScales.yaml"), **_overrides(args)})
+        "output.scales_yaml": str(workdir / "cpFlatNormScales.yaml")})
     summary = _execute(cfg, not args.no_progress)
     print(summary)
+    return 0
+
+
+def cmd_job_script(args: argparse.Namespace) -> int:
+    import dask
+
+    from .cluster import job_script
+
+    cfg = config_from_args(args)
+    _quieten(log.isEnabledFor(logging.DEBUG))
+    with dask.config.set(cfg.dask_settings()):
+        print(job_script(cfg.cluster))
     return 0
 
 
@@ -156,15 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="simulate a small LSSTCam campaign, run it, print a summary")
-    _add_run_options(p)
+    p = sub.add_parser("demo", help="simulate a small LSSTCam campaign, run it, print a summary",
+                       description="Inputs, store and scales YAML go below --workdir unless flags say otherwise.")
+    _add_run_options(p, **{"solve.level": "AMP"})
     p.add_argument("--workdir", default="flatnorm-demo", help="where inputs and outputs go (default ./flatnorm-demo)")
     p.add_argument("--detectors", type=int, default=189)
     p.add_argument("--exposures", type=int, default=10)
     p.add_argument("--filters", nargs="+", default=["g_6", "r_57"], choices=LSSTCAM_FILTERS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="simulate again even if inputs exist")
-    p.set_defaults(func=cmd_demo, **{"solve.level": "AMP"})
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("job-script", help="print the batch script a job-queue run (--scheduler slurm, pbs, "
+                       "...) would submit, from the same config and flags")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_job_script)
 
     p = sub.add_parser("simulate", help="write a simulated campaign of statistics files")
     p.add_argument("outdir")
@@ -193,7 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _choose_scheduler(args: argparse.Namespace, scheduler: str) -> None:
+    from .config import OPTIONS
+
+    flag = OPTIONS["cluster.scheduler"].flag
+    if not hasattr(args, "cluster.scheduler"):
+        raise ValueError(f"the {args.command} command runs no cluster")
+    if getattr(args, "cluster.scheduler") is not None:
+        raise ValueError(f"{flag} {getattr(args, 'cluster.scheduler')}: this script runs on {scheduler} and "
+                         f"chooses the cluster itself; leave out {flag} (or use flatnorm run {flag} ...)")
+    setattr(args, "cluster.scheduler", scheduler)
+
+
+def main(argv: list[str] | None = None, *, scheduler: str | None = None) -> int:
+    """The ``flatnorm`` command; returns its exit status.
+
+    ``scheduler`` is for the ``workflows/`` scripts, which choose the cluster themselves: it becomes
+    ``cluster.scheduler``, and a ``--scheduler`` flag in ``argv`` is refused rather than silently replaced.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -201,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         log.setLevel(logging.DEBUG)
     try:
+        if scheduler is not None:
+            _choose_scheduler(args, scheduler)
         return args.func(args)
     except KeyboardInterrupt:
         print("flatnorm: interrupted", file=sys.stderr)

@@ -1,51 +1,89 @@
 """Which Dask cluster a run uses: a LocalCluster sized to the machine, an existing scheduler, or a job queue.
 
-Settings come from dask's config system (``flatnorm.cluster.*``, set by :mod:`flatnorm_dask.config` from the
-user's YAML, or by ``DASK_FLATNORM__CLUSTER__*`` environment variables).
+Every setting comes in explicitly, as a :class:`~flatnorm_dask.config.ClusterConfig` (the ``cluster`` section of
+the run's config); nothing is read from or written to dask's global config here.  dask-jobqueue reads its own
+``jobqueue.<kind>`` keys from dask's config, which the caller sets from the config's ``dask`` section.
+
+dask and distributed are imported inside the functions: this module is imported by the config schema (for
+:data:`JOBQUEUE_KINDS`), and so by every ``flatnorm`` command, however light.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
+import os
+import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import dask
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
+
+    from .config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JOBQUEUE_KINDS", "connect", "job_script"]
+__all__ = ["JOBQUEUE_KINDS", "SCHEDULER_NAMES", "connect", "job_script", "scheduler_kind"]
+
+#: dask-jobqueue backends by the name ``cluster.scheduler`` gives them (``jobqueue-local``: local processes).
+JOBQUEUE_KINDS = ("slurm", "pbs", "sge", "lsf", "htcondor", "jobqueue-local")
+
+#: The scheduler value that starts a LocalCluster on this machine (as does none at all).
+LOCAL = "local"
+
+#: Every ``cluster.scheduler`` value that is a name rather than an address or a file.
+SCHEDULER_NAMES = (LOCAL, *JOBQUEUE_KINDS)
+
+# host:port, or [IPv6]:port, without a protocol (distributed then uses tcp://).
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d+")
 
 
-def _local_cluster():
+def scheduler_kind(scheduler: str | None) -> str:
+    """What a ``cluster.scheduler`` value asks for: ``"local"``, ``"jobqueue"``, ``"file"`` or ``"address"``.
+
+    None or ``local`` start a LocalCluster; a name of :data:`JOBQUEUE_KINDS` a dask-jobqueue cluster; a path
+    ending in ``.json`` is a scheduler file; ``protocol://...`` or ``host:port`` is a running scheduler.
+
+    Raises
+    ------
+    ValueError
+        Anything else, with the closest name when it looks like a misspelt one.
+    """
+    if scheduler is None or scheduler == LOCAL:
+        return "local"
+    if scheduler in JOBQUEUE_KINDS:
+        return "jobqueue"
+    if scheduler.endswith(".json"):
+        return "file"
+    if "://" in scheduler or _HOST_PORT.fullmatch(scheduler):
+        return "address"
+    hint = difflib.get_close_matches(scheduler.lower(), SCHEDULER_NAMES, n=1, cutoff=0.6)
+    raise ValueError(f"expected {', '.join(SCHEDULER_NAMES)}, a scheduler address (tcp://host:8786) or a "
+                     f"scheduler file (*.json), got {scheduler!r}" + (f"; did you mean {hint[0]}?" if hint else ""))
+
+
+def _cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _local_cluster(cluster: ClusterConfig) -> LocalCluster:
     from distributed import LocalCluster
 
-    settings = dask.config.get("flatnorm.cluster", default={}) or {}
-    kwargs = {}
-    if settings.get("n_workers"):
-        kwargs["n_workers"] = int(settings["n_workers"])
-    if settings.get("threads_per_worker"):
-        kwargs["threads_per_worker"] = int(settings["threads_per_worker"])
-    if settings.get("memory_limit") not in (None, "auto"):
-        kwargs["memory_limit"] = settings["memory_limit"]
-    if "n_workers" in kwargs and "threads_per_worker" not in kwargs:
-        kwargs["threads_per_worker"] = 1
-    # File parsing holds the GIL: one process per core by default.
-    kwargs.setdefault("processes", True)
-    if "n_workers" not in kwargs and "threads_per_worker" not in kwargs:
-        import os
-
-        kwargs["n_workers"] = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else os.cpu_count() or 1)
-        kwargs["threads_per_worker"] = 1
+    # File parsing holds the GIL: single-threaded worker processes, one per core unless told otherwise.
+    kwargs = {"processes": True, "threads_per_worker": cluster.threads_per_worker or 1}
+    if cluster.n_workers is not None:
+        kwargs["n_workers"] = cluster.n_workers
+    elif cluster.threads_per_worker is None:
+        kwargs["n_workers"] = _cores()
+    if cluster.memory_limit is not None:
+        kwargs["memory_limit"] = cluster.memory_limit
     # Task errors come back to the client as exceptions; the workers' own log of them (with tracebacks)
     # only shows with --debug, which lowers the "distributed" logger's level.
     level = logging.getLogger("distributed").getEffectiveLevel()
-    kwargs.setdefault("silence_logs", level if level < logging.WARNING else logging.CRITICAL)
+    kwargs["silence_logs"] = level if level < logging.WARNING else logging.CRITICAL
     return LocalCluster(**kwargs)
-
-
-JOBQUEUE_KINDS = ("slurm", "pbs", "sge", "lsf", "htcondor", "jobqueue-local")
 
 
 def _jobqueue_class(kind: str):
@@ -59,47 +97,46 @@ def _jobqueue_class(kind: str):
             "htcondor": dask_jobqueue.HTCondorCluster, "jobqueue-local": JobQueueLocalCluster}[kind]
 
 
-def _jobqueue_cluster(kind: str):
-    cluster = _jobqueue_class(kind)()  # reads its jobqueue.<kind>.* settings from dask config
-    settings = dask.config.get("flatnorm.cluster", default={}) or {}
-    cluster.scale(jobs=int(settings.get("n_workers") or 1))
-    return cluster
+def job_script(cluster: ClusterConfig) -> str:
+    """The batch script the job-queue cluster of ``cluster.scheduler`` would submit for one job.
 
-
-def job_script(kind: str = "slurm") -> str:
-    """The batch script a dask-jobqueue cluster of ``kind`` would submit, from the current dask config."""
-    with _jobqueue_class(kind)() as cluster:
-        return cluster.job_script()
+    The job's shape comes from the ``jobqueue.<kind>`` keys of dask's config: call it inside
+    ``dask.config.set(cfg.dask_settings())``, as a run does.
+    """
+    if scheduler_kind(cluster.scheduler) != "jobqueue":
+        raise ValueError(f"cluster.scheduler is {cluster.scheduler or LOCAL!r}: a job script needs a job-queue "
+                         f"kind ({', '.join(JOBQUEUE_KINDS)})")
+    with _jobqueue_class(cluster.scheduler)() as jobqueue:
+        return jobqueue.job_script()
 
 
 @contextlib.contextmanager
-def connect() -> Iterator["distributed.Client"]:  # noqa: F821
+def connect(cluster: ClusterConfig) -> Iterator[Client]:
     """A ``distributed.Client`` for the run, shut down (with any cluster it started) on exit.
 
-    ``flatnorm.cluster.scheduler`` picks the cluster: unset (or ``local``) starts a LocalCluster;
-    a ``tcp://``/``tls://`` address (or a scheduler file path) connects to a running scheduler;
-    ``slurm``, ``pbs``, ``sge``, ``lsf``, ``htcondor`` start a dask-jobqueue cluster configured by the
-    ``jobqueue.<kind>`` dask settings (``jobqueue-local`` runs the same code path on this machine).
+    ``cluster.scheduler`` picks the cluster (see :func:`scheduler_kind`): a LocalCluster sized by
+    ``n_workers``, ``threads_per_worker`` and ``memory_limit``; a running scheduler (address or scheduler
+    file), left running; or a dask-jobqueue cluster of ``n_workers`` jobs (one if unset), shaped by the
+    ``jobqueue.<kind>`` dask settings, whose first worker must start within ``wait_timeout`` seconds.
     """
     from distributed import Client
 
-    scheduler = dask.config.get("flatnorm.cluster.scheduler", default=None)
-    cluster = None
-    if scheduler in (None, "", "local"):
-        cluster = _local_cluster()
-        client = Client(cluster)
-    elif scheduler in JOBQUEUE_KINDS:
-        cluster = _jobqueue_cluster(scheduler)
-        client = Client(cluster)
-        client.wait_for_workers(1, timeout=dask.config.get("flatnorm.cluster.wait_timeout", default=600))
-    elif str(scheduler).endswith(".json"):
-        client = Client(scheduler_file=scheduler)
-    else:
-        client = Client(scheduler)
-    log.info("Dask dashboard: %s", client.dashboard_link)
-    try:
+    kind = scheduler_kind(cluster.scheduler)
+    with contextlib.ExitStack() as stack:  # closes the client, then any cluster started here, even on error
+        if kind == "local":
+            client = stack.enter_context(Client(stack.enter_context(_local_cluster(cluster))))
+        elif kind == "jobqueue":
+            jobs = stack.enter_context(_jobqueue_class(cluster.scheduler)())
+            jobs.scale(jobs=cluster.n_workers or 1)
+            client = stack.enter_context(Client(jobs))
+            try:
+                client.wait_for_workers(1, timeout=cluster.wait_timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no {cluster.scheduler} job started a worker within {cluster.wait_timeout:g} s "
+                                   f"(cluster.wait_timeout); check the queue and the job script") from None
+        elif kind == "file":
+            client = stack.enter_context(Client(scheduler_file=cluster.scheduler))
+        else:
+            client = stack.enter_context(Client(cluster.scheduler))
+        log.info("Dask dashboard: %s", client.dashboard_link)
         yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

@@ -1,14 +1,25 @@
-"""Run settings: one schema, validated on load, documented once (in ``configs/default.yaml``).
+"""Run settings: one schema for the defaults, the allowed values, the validation, the documentation and the
+command-line flags of every option.
+
+Each option is a field of a frozen dataclass below, made with :func:`_option`: its default is the field's,
+and its :class:`Option` (in the field's metadata) holds its rule, its documentation and its flag.  From it:
+
+- :func:`load_config` and :meth:`Config.from_dict` validate (one-line :class:`ConfigError` naming the source
+  and the dotted key, with a "did you mean" hint for a misspelt name);
+- :func:`render_default_yaml` writes ``configs/default.yaml`` (every option, its documentation and its
+  default); regenerate the file with ``python -m flatnorm_dask.config > configs/default.yaml``;
+- the ``flatnorm run`` / ``demo`` flags are made from :data:`OPTIONS` (``flatnorm_dask.cli``).
 
 A run's settings come in layers, each overriding the one before:
 
-1. the schema defaults below (equal to ``configs/default.yaml``, which a test checks);
-2. for the ``cluster`` section, dask's config under ``flatnorm.cluster`` (defaults from the packaged
-   ``flatnorm.yaml``, overridable by ``~/.config/dask/*.yaml`` or ``DASK_FLATNORM__CLUSTER__*`` variables);
+1. the schema defaults;
+2. for the ``cluster`` section, dask's own config under ``flatnorm.cluster``, i.e. ``DASK_FLATNORM__CLUSTER__*``
+   environment variables or ``~/.config/dask/*.yaml`` (read here, never written back);
 3. the user's YAML file;
 4. ``overrides``: dotted keys such as ``{"solve.level": "AMP"}``, e.g. from command-line flags.
 
-Every problem raises :class:`ConfigError`, whose one-line message names the source (file) and the dotted key.
+This module imports only the standard library and ``flatnorm_dask.schema``/``cluster`` at load time, so that
+``flatnorm --help`` stays quick; PyYAML and dask are imported where they are used.
 """
 
 from __future__ import annotations
@@ -17,38 +28,28 @@ import dataclasses
 import difflib
 import math
 import os
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from dask import config as dask_config
-
+from .cluster import JOBQUEUE_KINDS, SCHEDULER_NAMES, scheduler_kind
 from .schema import LEVELS, ON_ERROR
 
 __all__ = [
+    "OPTIONS",
+    "SECTIONS",
     "ClusterConfig",
     "Config",
     "ConfigError",
     "InputConfig",
+    "Option",
     "OutputConfig",
-    "SECTIONS",
     "SolveConfig",
     "load_config",
+    "render_default_yaml",
 ]
-
-#: Dask config defaults of the package (the ``flatnorm.cluster`` namespace).
-DASK_DEFAULTS_FILE = Path(__file__).with_name("flatnorm.yaml")
-
-
-def _register_dask_defaults() -> None:
-    # Registered (not set) so that user dask YAML and DASK_* variables still win over them.
-    with open(DASK_DEFAULTS_FILE, encoding="utf-8") as f:
-        dask_config.update_defaults(yaml.safe_load(f))
-
-
-_register_dask_defaults()
 
 
 class ConfigError(ValueError):
@@ -60,63 +61,247 @@ class ConfigError(ValueError):
         super().__init__(" ".join(f"{where}: {problem}".split()))
 
 
-def _option(default: Any, kind: str, *, nullable: bool = False, choices: tuple[str, ...] = (),
-            minimum: float | None = None, positive: bool = False) -> Any:
-    """A dataclass field carrying its validation rule in ``metadata``."""
-    rule = {"kind": kind, "nullable": nullable, "choices": choices, "minimum": minimum, "positive": positive}
-    return field(default=default, metadata=rule)
+#: How a value of each kind is shown on the command line when an option names no metavar.
+_METAVARS = {"str": "TEXT", "path": "PATH", "strlist": "A[,B]", "int": "N", "float": "X", "bool": None,
+             "memory": "SIZE", "scheduler": "ADDRESS"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of the schema: its rule, its documentation and its command-line flag.
+
+    ``summary`` is one sentence (the flag's help, and the first sentence of the option's comment in
+    ``configs/default.yaml``); ``details`` follow it in the YAML only.  In either text a line starting with
+    spaces is an example, kept as written.  ``key``, ``default`` and ``flag`` are filled in from the field
+    (see :data:`OPTIONS`): the flag is ``--`` and the option's name with ``-`` for ``_`` unless ``flag`` says
+    otherwise.
+    """
+
+    kind: str  # str, path, strlist, choice, bool, int, float, memory, scheduler
+    summary: str
+    details: str = ""
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    positive: bool = False
+    flag: str | None = None
+    metavar: str | None = None
+    key: str = ""
+    default: Any = None
+
+    @property
+    def doc(self) -> str:
+        """The whole documentation: summary, then details."""
+        return f"{self.summary} {self.details}" if self.details else self.summary
+
+    @property
+    def help(self) -> str:
+        """The flag's help text: the summary and, when there is one, the default."""
+        text = " ".join(self.summary.split())
+        if self.default is None or self.default is False:
+            return text
+        return f"{text} (default: {'true' if self.default is True else self.default})"
+
+    @property
+    def cli_metavar(self) -> str | None:
+        """How the flag's value is shown in ``--help``: the choices for a choice, else a short word."""
+        if self.metavar:
+            return self.metavar
+        if self.kind == "choice":
+            return "{" + ",".join(self.choices) + "}"
+        return _METAVARS[self.kind]
+
+    def from_text(self, text: str) -> Any:
+        """A flag's text as the value it stands for (``"5"`` -> 5 for an int); validation is :func:`_check`'s.
+
+        Text that is not a number is passed on as it is, so the error names the option and the text.
+        """
+        if self.kind == "int":
+            try:
+                return int(text)
+            except ValueError:
+                return text
+        if self.kind == "memory":
+            for number in (int, float):
+                try:
+                    return number(text)
+                except ValueError:
+                    pass
+        return text  # float (a string is accepted as a number), choice, str, path, strlist, scheduler
+
+
+def _option(default: Any, kind: str, summary: str, details: str = "", **rule: Any) -> Any:
+    """A dataclass field holding its :class:`Option` in ``metadata``."""
+    return field(default=default, metadata={"option": Option(kind, summary, details, **rule)})
 
 
 @dataclass(frozen=True)
 class InputConfig:
-    """Where the statistics files are and how to read them (``input`` section)."""
+    """Where the statistics files are and how to read them."""
 
-    root: str | None = _option(None, "path", nullable=True)
-    pattern: str | None = _option(None, "str", nullable=True)
-    manifest: str | None = _option(None, "path", nullable=True)
-    camera: str | None = _option("lsstcam", "str", nullable=True)
-    on_error: str = _option("raise", "choice", choices=ON_ERROR)
-    batch_size: int = _option(1000, "int", minimum=1)
-    butler: str | None = _option(None, "path", nullable=True)
-    collections: list[str] | None = _option(None, "strlist", nullable=True)
-    dataset_type: str = _option("flatStats", "str")
-    where: str | None = _option(None, "str", nullable=True)
-    instrument: str | None = _option(None, "str", nullable=True)
+    root: str | None = _option(
+        None, "path", "Directory holding the statistics files (flatStats).",
+        "The pattern is matched below it, and relative manifest paths start here (default for a manifest: the "
+        "manifest's own directory).",
+        nullable=True, flag="--input", metavar="DIR")
+    pattern: str | None = _option(
+        None, "str", "Where the files are below root, with named fields in braces.",
+        "The fields are {exposure}, {detector}, {physical_filter}, or the butler's {obs_id}, {day_obs}, {seq_num}, "
+        "{detector_name}; any other {name} matches one path part ({run} may span several directories).  "
+        "Exposure ids follow LSST's rule, exposure = day_obs x 100000 + seq_num, with day_obs and seq_num read "
+        "from an obs_id such as MC_C_20251120_000042 (-> 2025112000042); a {detector_name} such as R22_S11 "
+        "becomes the detector id through the camera below.  So a butler repository's own files are read "
+        "without its registry, e.g. for LSSTCam (see configs/lsstcam.yaml):\n"
+        "  {run}/flatStats/{day_obs}/{obs_id}/flatStats_LSSTCam_{physical_filter}_{obs_id}_{detector_name}_"
+        "{run_name}.yaml\n"
+        "Give pattern or manifest (or butler), not two of them.",
+        nullable=True, metavar="PATTERN")
+    manifest: str | None = _option(
+        None, "path", "CSV or Parquet table listing the files instead of a pattern.",
+        "Its columns are path, exposure, detector and optionally physical_filter.",
+        nullable=True, metavar="FILE")
+    camera: str | None = _option(
+        "lsstcam", "str", "Camera geometry: a built-in name (lsstcam, testcam) or the path of a camera CSV.",
+        "Needed to map a pattern's {detector_name} to detector ids, and for the focal-plane plots; amplifier "
+        "names always come from the files.  null = no camera.",
+        nullable=True, metavar="NAME|CSV")
+    on_error: str = _option(
+        "raise", "choice", "A file that cannot be read or lacks a statistic: raise stops the run with a message "
+        "naming the file, mask leaves its cells out of the fit and records it.",
+        "Masked files are listed in the store's problems attribute.",
+        choices=ON_ERROR)
+    batch_size: int = _option(
+        1000, "int", "Files parsed per Dask task.",
+        "Larger batches cost less scheduling, smaller ones balance better.",
+        minimum=1)
+    butler: str | None = _option(
+        None, "path", "LSST butler repository whose registry lists the inputs, instead of root + pattern / "
+        "manifest.",
+        "A root directory, butler.yaml or alias.  Exposure, detector and physical_filter come from the data "
+        "ids, and the files are read by our own parser in the same Dask tasks (S3/WebDAV URIs through "
+        "lsst.resources).  Needs the butler extra: pip install 'flatnorm-dask[butler]'.",
+        nullable=True, metavar="REPO")
+    collections: list[str] | None = _option(
+        None, "strlist", "Butler collections searched in order, a list or one comma-separated string; "
+        "required with butler.",
+        "RUN or CHAINED, no wildcards.  A data id found in several (or in several runs of a chain) is taken "
+        "from the first one only.",
+        nullable=True, metavar="C[,C2]")
+    dataset_type: str = _option(
+        "flatStats", "str", "Dataset type of the statistics in the butler.",
+        "Its dimensions are instrument, exposure, detector.",
+        metavar="NAME")
+    where: str | None = _option(
+        None, "str", "Butler query expression restricting the datasets.",
+        'For example "exposure.day_obs = 20251120 AND detector < 9"; null = every dataset of the collections.',
+        nullable=True, metavar="EXPR")
+    instrument: str | None = _option(
+        None, "str", "Instrument name, such as LSSTCam.",
+        "With butler: only its datasets are used (needed when the collections hold several instruments); "
+        "otherwise taken from the data ids.  With file inputs and output.butler: required, the instrument of "
+        "the output data ids.",
+        nullable=True, metavar="NAME")
 
 
 @dataclass(frozen=True)
 class SolveConfig:
-    """How the decomposition is fitted (``solve`` section)."""
+    """How the decomposition is fitted."""
 
-    level: str = _option("DETECTOR", "choice", choices=LEVELS)
-    iterations: int = _option(10, "int", minimum=1)
-    tol: float | None = _option(None, "float", nullable=True, positive=True)
-    max_iter: int = _option(1000, "int", minimum=1)
-    clip_sigma: float | None = _option(None, "float", nullable=True, positive=True)
-    clip_rounds: int = _option(5, "int", minimum=1)
-    persist_max_mb: int = _option(2048, "int", minimum=0)
+    level: str = _option(
+        "DETECTOR", "choice", "Scaling level: DETECTOR fits one G per detector, AMP one per amplifier (what "
+        "cp_pipe's flat combination uses).",
+        "Case-insensitive.",
+        choices=LEVELS)
+    iterations: int = _option(
+        10, "int", "Fixed number of alternating iterations (the reference task uses 10).",
+        "Ignored when tol is set.",
+        minimum=1)
+    tol: float | None = _option(
+        None, "float", "Convergence mode: iterate until the largest change of log G is below tol (e.g. 1.0e-10).",
+        "null = fixed iterations.",
+        nullable=True, positive=True, metavar="T")
+    max_iter: int = _option(
+        1000, "int", "Most iterations allowed in convergence mode.",
+        "The store records whether the fit converged.",
+        minimum=1)
+    clip_sigma: float | None = _option(
+        None, "float", "Outlier rejection: after each fit, leave out cells more than clip_sigma robust standard "
+        "deviations from the median residual, and fit again.",
+        "The residual is the log residual scaled by sqrt(weight / mean weight), and the robust standard "
+        "deviation 1.4826 x MAD; clipped cells are used=false in the store.  null = the plain fit (the "
+        "reference's).",
+        nullable=True, positive=True, metavar="K")
+    clip_rounds: int = _option(
+        5, "int", "Most rejection rounds when clip_sigma is set (each round refits once).",
+        minimum=1)
+    persist_max_mb: int = _option(
+        2048, "int", "Largest size (MB) of one filter's solver inputs held in the workers' memory for the "
+        "iterations.",
+        "The inputs are the log values, weights and usable mask: 17 bytes a cell.  A larger filter is read "
+        "from the store's chunks at every pass instead (about 3x slower, but worker memory is then bounded by "
+        "the chunk size, not the campaign).  0 = always from the store.",
+        minimum=0, metavar="MB")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """What a run writes (``output`` section)."""
+    """What a run writes."""
 
-    store: str | None = _option(None, "path", nullable=True)
-    overwrite: bool = _option(False, "bool")
-    scales_yaml: str | None = _option(None, "path", nullable=True)
-    butler: str | None = _option(None, "path", nullable=True)
-    run: str | None = _option(None, "str", nullable=True)
+    store: str | None = _option(
+        None, "path", "Zarr store to write (a directory, e.g. scales.zarr); required to run.",
+        "One group per physical_filter.",
+        nullable=True, flag="--output", metavar="STORE.zarr")
+    overwrite: bool = _option(
+        False, "bool", "Replace an existing store.",
+        "The new store is written beside it and swapped in only once complete.")
+    scales_yaml: str | None = _option(
+        None, "path", "Also write the cpFlatNormScales YAML ({filter: {expScale: ..., detScale: ...}}) here.",
+        "null = do not.",
+        nullable=True, metavar="FILE")
+    butler: str | None = _option(
+        None, "path", "Also put the scales into this LSST butler repository once the store is written: one "
+        "cpFlatNormScales dataset per physical_filter.",
+        "Dimensions instrument, physical_filter; storage class StructuredDataDict, the dataset type registered "
+        "if absent; each holds that filter's part of the scales_yaml structure.  The physical filters must be "
+        "known to its registry.  null = do not.  Needs the butler extra.",
+        nullable=True, flag="--output-butler", metavar="REPO")
+    run: str | None = _option(
+        None, "str", "RUN collection the cpFlatNormScales datasets go into (required with output.butler; "
+        "created if absent).",
+        "Datasets in a run are never replaced: a run that already holds scales of a filter is refused.",
+        nullable=True, flag="--output-run", metavar="RUN")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Which Dask cluster runs the job (``cluster`` section; defaults also in ``flatnorm.yaml``)."""
+    """Which Dask cluster runs the job.  Each option can also be set in dask's own config, e.g.
+    DASK_FLATNORM__CLUSTER__N_WORKERS=4 in the environment, or flatnorm: cluster: n_workers: 4 in
+    ~/.config/dask/flatnorm.yaml; a config file or a flag wins over it."""
 
-    scheduler: str | None = _option(None, "str", nullable=True)
-    n_workers: int | None = _option(None, "int", nullable=True, minimum=1)
-    threads_per_worker: int | None = _option(None, "int", nullable=True, minimum=1)
-    memory_limit: str | int | float | None = _option("auto", "memory", nullable=True)
-    wait_timeout: float = _option(600.0, "float", positive=True)
+    scheduler: str | None = _option(
+        None, "scheduler", "Which Dask cluster: null or local starts a LocalCluster on this machine; an address "
+        "(tcp://host:8786) or a scheduler JSON file joins a running scheduler; "
+        f"{', '.join(JOBQUEUE_KINDS[:-1])} start a dask-jobqueue cluster.",
+        "A job-queue cluster is shaped by the jobqueue.<kind> keys of the dask section (see "
+        f"configs/slurm.yaml); {JOBQUEUE_KINDS[-1]} runs its jobs as processes on this machine (the same code "
+        "path, without a batch system).",
+        nullable=True)
+    n_workers: int | None = _option(
+        None, "int", "Worker processes of a LocalCluster, or the number of jobs of a job-queue cluster.",
+        "null = one per core (LocalCluster), one job (job queue).",
+        nullable=True, minimum=1, flag="--workers")
+    threads_per_worker: int | None = _option(
+        None, "int", "Threads per LocalCluster worker.",
+        "null = 1 (parsing holds the GIL), with one worker per core unless n_workers is set.",
+        nullable=True, minimum=1)
+    memory_limit: str | int | float | None = _option(
+        "auto", "memory", 'Memory per LocalCluster worker: "auto" (the machine\'s memory shared out), a size '
+        'such as "4GiB", a number of bytes, or a fraction of the machine\'s memory in (0, 1].',
+        "null = distributed's default (auto).",
+        nullable=True)
+    wait_timeout: float = _option(
+        600.0, "float", "Seconds to wait for the first worker of a job-queue cluster before giving up.",
+        positive=True, metavar="SECONDS")
 
 
 #: Section name -> its dataclass (``dask`` is free-form and not listed).
@@ -129,9 +314,27 @@ SECTIONS: dict[str, type] = {
 _DASK_SECTION = "dask"
 
 
+def _options() -> dict[str, Option]:
+    table = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            opt = f.metadata["option"]
+            table[f"{section}.{f.name}"] = dataclasses.replace(
+                opt, key=f"{section}.{f.name}", default=f.default,
+                flag=opt.flag or "--" + f.name.replace("_", "-"))
+    return table
+
+
+#: Every option by dotted key (``"solve.level"``), with its default, rule, documentation and flag.
+OPTIONS: dict[str, Option] = _options()
+
+#: Options whose flags cannot be given together (the fixed count or the tolerance: say one).
+EXCLUSIVE_FLAGS = (("solve.iterations", "solve.tol"),)
+
+
 @dataclass(frozen=True)
 class Config:
-    """All settings of a run; build it with :func:`load_config` (which validates), not by hand.
+    """All settings of a run; build it with :func:`load_config` or :meth:`from_dict` (which validate).
 
     ``dask`` holds the user's dask config keys, flattened to dotted names
     (``{"distributed.worker.memory.target": 0.7}``); treat it as read-only.
@@ -151,18 +354,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config mapping") -> Config:
-        """Validate a nested mapping shaped like ``configs/default.yaml`` (e.g. a store's ``config`` attr)."""
-        return _build(source, data, None)
+        """Validate a nested mapping shaped like ``configs/default.yaml``, e.g. the ``config`` attribute a run
+        stored; ``source`` (say, the store's path) starts every error message.
+
+        Only ``data`` and the schema defaults count: unlike :func:`load_config`, dask's config (the
+        environment) is not read, so a stored config reads back as it was written.
+        """
+        return _build(source, data, {}, None)
 
     def dask_settings(self) -> dict[str, Any]:
-        """Keys to pass to ``dask.config.set`` for the run: the ``dask`` section plus ``flatnorm.cluster.*``."""
-        settings = dict(self.dask)
-        for name, value in dataclasses.asdict(self.cluster).items():
-            settings[f"flatnorm.cluster.{name}"] = value
-        return settings
+        """The user's ``dask`` section, for ``dask.config.set`` during the run (dask-jobqueue and distributed
+        read their own keys from there); flatnorm's own settings are passed explicitly instead."""
+        return dict(self.dask)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, object] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, object] | None = None, *,
+                overrides_source: str = "overrides") -> Config:
     """Read, merge and validate a run's settings.
 
     Parameters
@@ -174,6 +381,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, o
         ``"dask.<key>"`` sets a dask config key.  Setting one of ``input.pattern`` / ``input.manifest``
         drops the other from the file, and ``solve.iterations`` without ``solve.tol`` drops the file's
         ``tol``, so that a flag always means what it says.
+    overrides_source : str
+        How errors in ``overrides`` name their source (the CLI says ``command line``).
 
     Returns
     -------
@@ -185,6 +394,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, o
         Unreadable file, YAML syntax error (with its line), unknown section or option (with the closest
         valid name), wrong type, value out of range, or conflicting options.
     """
+    import yaml
+
     data: Any = {}
     source = "defaults"
     if path is not None:
@@ -199,10 +410,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, o
             raise ConfigError(source, None, _yaml_problem(err)) from None
         if data is None:  # an empty file (or only comments): all defaults
             data = {}
-    return _build(source, data, overrides)
+    return _build(source, data, _dask_cluster_layer(), overrides, overrides_source)
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+def _dask_cluster_layer() -> Mapping[str, Any]:
+    """What dask's config (``DASK_FLATNORM__CLUSTER__*`` variables, dask YAML files) says of ``flatnorm.cluster``.
+
+    Only what the user set is there: the package registers no defaults of its own in dask's config.
+    """
+    from dask import config as dask_config
+
+    cluster = dask_config.get("flatnorm.cluster", default=None) or {}
+    if not isinstance(cluster, Mapping):
+        raise ConfigError(_DASK_CONFIG, "flatnorm.cluster", f"must be a mapping, got {_kind(cluster)}")
+    return cluster
+
+
+_DASK_CONFIG = "dask config (DASK_FLATNORM__* environment or dask YAML)"
+
+
+def _yaml_problem(err) -> str:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err)
     context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
@@ -214,28 +441,25 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"YAML syntax error: {problem}"
 
 
-def _build(source: str, data: Any, overrides: Mapping[str, object] | None) -> Config:
-    """Layer defaults, dask's ``flatnorm.cluster``, ``data`` (from ``source``) and ``overrides``; validate."""
+def _build(source: str, data: Any, dask_cluster: Mapping[str, Any], overrides: Mapping[str, object] | None,
+           overrides_source: str = "overrides") -> Config:
+    """Layer defaults, ``dask_cluster``, ``data`` (from ``source``) and ``overrides``; validate."""
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     origin: dict[str, str] = {}  # dotted key -> where its current value came from
     dask_keys: dict[str, Any] = {}
 
     def put(section: str, option: str, value: Any, where: str, prefix: str = "") -> None:
         key = f"{section}.{option}"
-        if option not in _rules(section):
+        if key not in OPTIONS:
             hint = _suggest(section, option).replace("did you mean ", f"did you mean {prefix}")
             raise ConfigError(where, prefix + key, f"unknown option{hint}")
-        values[section][option] = _check(value, _rules(section)[option], prefix + key, where)
+        values[section][option] = _check(value, OPTIONS[key], prefix + key, where)
         origin[key] = where
 
-    # Layer 2: dask config (packaged flatnorm.yaml, user dask YAML, DASK_FLATNORM__CLUSTER__* variables).
-    dask_source = "dask config (DASK_FLATNORM__* environment or dask YAML)"
-    cluster = dask_config.get("flatnorm.cluster", default=None) or {}
-    if not isinstance(cluster, Mapping):
-        raise ConfigError(dask_source, "flatnorm.cluster", f"must be a mapping, got {_kind(cluster)}")
-    for option, value in cluster.items():
+    # Layer 2: dask config, read here only (user dask YAML, DASK_FLATNORM__CLUSTER__* variables).
+    for option, value in dask_cluster.items():
         # dask treats - and _ alike
-        put("cluster", str(option).replace("-", "_"), value, dask_source, prefix="flatnorm.")
+        put("cluster", str(option).replace("-", "_"), value, _DASK_CONFIG, prefix="flatnorm.")
 
     # Layer 3: the file (or mapping).
     if not isinstance(data, Mapping):
@@ -261,12 +485,11 @@ def _build(source: str, data: Any, overrides: Mapping[str, object] | None) -> Co
         key = str(key)
         section, _, option = key.partition(".")
         if section == _DASK_SECTION and option:
-            dask_keys.update(_dask_section({option: value}, "overrides"))
+            dask_keys.update(_dask_section({option: value}, overrides_source))
             continue
         if section not in SECTIONS or not option:
-            raise ConfigError("overrides", key,
-                              f"unknown option{_closest(key, [f'{s}.{o}' for s in SECTIONS for o in _rules(s)])}")
-        put(section, option, value, "overrides")
+            raise ConfigError(overrides_source, key, f"unknown option{_closest(key, list(OPTIONS))}")
+        put(section, option, value, overrides_source)
         given.add(key)
     for chosen, dropped in _FLAG_WINS:
         if chosen in given and dropped not in given and _get(values, chosen) is not None:
@@ -313,7 +536,8 @@ def _check_complete(values: dict[str, dict[str, Any]], origin: dict[str, str]) -
     inp, out = values["input"], values["output"]
     if inp.get("butler") is not None and not inp.get("collections"):
         raise ConfigError(origin["input.butler"], "input.collections",
-                          "required with input.butler: the collections to search (--collections)")
+                          f"required with input.butler: the collections to search "
+                          f"({OPTIONS['input.collections'].flag})")
     if inp.get("butler") is None:
         for key in ("input.collections", "input.where"):
             if _get(values, key) is not None:
@@ -353,19 +577,19 @@ def _dask_section(body: Any, source: str) -> dict[str, Any]:
     return flat
 
 
-def _rules(section: str) -> dict[str, dict[str, Any]]:
-    return {f.name: dict(f.metadata) for f in dataclasses.fields(SECTIONS[section])}
+def _names(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
 
 
 def _suggest(section: str, option: str) -> str:
     """Hint for an unknown option: the same name in another section, else the closest name in this one."""
     for other in SECTIONS:
-        if other != section and option in _rules(other):
+        if other != section and f"{other}.{option}" in OPTIONS:
             return f"; did you mean {other}.{option}?"
-    hint = difflib.get_close_matches(option, list(_rules(section)), n=1, cutoff=0.6)
+    hint = difflib.get_close_matches(option, _names(section), n=1, cutoff=0.6)
     if hint:
         return f"; did you mean {section}.{hint[0]}?"
-    return f" (valid: {', '.join(_rules(section))})"
+    return f" (valid: {', '.join(_names(section))})"
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -378,18 +602,20 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-def _check(value: Any, rule: Mapping[str, Any], key: str, where: str) -> Any:
+def _check(value: Any, rule: Option, key: str, where: str) -> Any:
     """Validate and normalise one value against its rule; raise ConfigError naming ``key`` and ``where``."""
-    kind = rule["kind"]
+    kind = rule.kind
     if value is None:
-        if rule["nullable"]:
+        if rule.nullable:
             return None
         raise ConfigError(where, key, "must not be null")
-    if kind in ("str", "path"):
+    if kind in ("str", "path", "scheduler"):
         if kind == "path" and isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value:
             raise ConfigError(where, key, f"expected a non-empty string, got {_kind(value)} {value!r}")
+        if kind == "scheduler":
+            return _scheduler(value, key, where)
         return os.path.expanduser(value) if kind == "path" else value
     if kind == "strlist":
         items = value.split(",") if isinstance(value, str) else value
@@ -402,10 +628,10 @@ def _check(value: Any, rule: Mapping[str, Any], key: str, where: str) -> Any:
         return items
     if kind == "choice":
         if isinstance(value, str):
-            for choice in rule["choices"]:
+            for choice in rule.choices:
                 if value.lower() == choice.lower():
                     return choice  # canonical spelling: DETECTOR/AMP upper, raise/mask lower
-        raise ConfigError(where, key, f"must be one of {', '.join(rule['choices'])}, got {value!r}")
+        raise ConfigError(where, key, f"must be one of {', '.join(rule.choices)}, got {value!r}")
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(where, key, f"expected true or false, got {_kind(value)} {value!r}")
@@ -413,14 +639,14 @@ def _check(value: Any, rule: Mapping[str, Any], key: str, where: str) -> Any:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(where, key, f"expected an integer, got {_kind(value)} {value!r}")
-        if rule["minimum"] is not None and value < rule["minimum"]:
-            raise ConfigError(where, key, f"must be >= {rule['minimum']}, got {value}")
+        if rule.minimum is not None and value < rule.minimum:
+            raise ConfigError(where, key, f"must be >= {rule.minimum}, got {value}")
         return int(value)
     if kind == "float":
         number = _number(value)
         if number is None or not math.isfinite(number):
             raise ConfigError(where, key, f"expected a finite number, got {_kind(value)} {value!r}")
-        if rule["positive"] and not number > 0:
+        if rule.positive and not number > 0:
             raise ConfigError(where, key, f"must be > 0, got {value!r}")
         return number
     if kind == "memory":
@@ -442,6 +668,17 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _scheduler(value: str, key: str, where: str) -> str:
+    """A cluster.scheduler value in its canonical spelling (kind names lower case), checked by cluster.py."""
+    if value.lower() in SCHEDULER_NAMES:
+        value = value.lower()
+    try:
+        scheduler_kind(value)
+    except ValueError as err:
+        raise ConfigError(where, key, str(err)) from None
+    return value
+
+
 def _memory(value: Any, key: str, where: str) -> str | int | float:
     """Like distributed's ``memory_limit``: "auto", a size such as "4GiB", bytes, or a fraction in (0, 1]."""
     if isinstance(value, str):
@@ -460,3 +697,60 @@ def _memory(value: Any, key: str, where: str) -> str | int | float:
             raise ConfigError(where, key, f"a float is a fraction of the machine's memory in (0, 1], got {value}")
         return value
     raise ConfigError(where, key, f"expected 'auto', a size such as '4GiB' or a positive number, got {value!r}")
+
+
+# ------------------------------------------------------------------------------ configs/default.yaml
+
+_HEADER = """\
+flatnorm-dask: every option, with its default.  This file is the documentation of the options.
+
+Generated from the schema in flatnorm_dask/config.py: edit the schema there, then regenerate it with
+  python -m flatnorm_dask.config > configs/default.yaml
+
+A config file may hold any subset of these sections and options; command-line flags override it (flatnorm run \
+CONFIG.yaml --level AMP ...).  Unknown names, wrong types and bad values are refused with a one-line message \
+naming the file and the option.  Relative paths are relative to the working directory; a leading ~ is \
+expanded.  Write numbers with a dot or as plain digits (1.0e-10 or 1e-10 both work)."""
+
+_DASK_DOC = """\
+Any dask config keys, set (with dask.config.set) for the duration of the run, nested or dotted, e.g.
+  dask:
+    distributed.worker.memory.target: 0.7
+    array:
+      chunk-size: 256MiB"""
+
+_WIDTH = 110
+
+
+def _comment(text: str, indent: str = "") -> list[str]:
+    """``text`` as YAML comment lines: prose wrapped, lines that start with spaces (examples) kept."""
+    lines = []
+    for paragraph in text.split("\n"):
+        if not paragraph:
+            lines.append(f"{indent}#")
+        elif paragraph.startswith(" "):
+            lines.append(f"{indent}# {paragraph}")
+        else:
+            lines += textwrap.wrap(" ".join(paragraph.split()), _WIDTH - len(indent) - 2,
+                                   initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ",
+                                   break_long_words=False, break_on_hyphens=False)
+    return lines
+
+
+def render_default_yaml() -> str:
+    """The text of ``configs/default.yaml``: every section and option, its documentation and its default."""
+    import yaml
+
+    lines = _comment(_HEADER)
+    for section, cls in SECTIONS.items():
+        lines += ["", *_comment(" ".join((cls.__doc__ or "").split())), f"{section}:"]
+        for name in _names(section):
+            opt = OPTIONS[f"{section}.{name}"]
+            value = yaml.safe_dump({name: opt.default}, default_flow_style=False, width=1000).rstrip("\n")
+            lines += [*_comment(opt.doc, "  "), f"  {value}"]
+    lines += ["", *_comment(_DASK_DOC), f"{_DASK_SECTION}: {{}}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_default_yaml(), end="")

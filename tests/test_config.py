@@ -1,19 +1,24 @@
-"""Settings: defaults documented once, validation with one-line messages, layering, dask config."""
+"""Settings: one schema for defaults, documentation and flags; validation with one-line messages; layering;
+dask config; the cluster settings passed explicitly."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
 import pytest
 import yaml
 
-from flatnorm_dask.config import DASK_DEFAULTS_FILE, SECTIONS, Config, ConfigError, load_config
+from helpers import error_line  # noqa: E402
+from flatnorm_dask.config import OPTIONS, SECTIONS, Config, ConfigError, load_config, render_default_yaml
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 DEFAULT = CONFIGS / "default.yaml"
 
 
@@ -40,8 +45,25 @@ def test_schema_defaults_are_exactly_default_yaml(clean_dask_env):
     assert Config().to_dict() == documented
     assert load_config().to_dict() == documented
     assert load_config(DEFAULT) == load_config() == Config()
-    # The dask-config defaults of the cluster section say the same.
-    assert yaml.safe_load(DASK_DEFAULTS_FILE.read_text())["flatnorm"]["cluster"] == documented["cluster"]
+    assert {key: opt.default for key, opt in OPTIONS.items()} == \
+        {f"{s}.{o}": v for s, body in documented.items() if s != "dask" for o, v in body.items()}
+    assert dask.config.get("flatnorm", default=None) is None  # no defaults registered in dask's config
+
+
+def test_default_yaml_is_generated_from_the_schema():
+    assert DEFAULT.read_text() == render_default_yaml(), \
+        "configs/default.yaml is stale: python -m flatnorm_dask.config > configs/default.yaml"
+    # the documented command writes exactly that text
+    result = subprocess.run([sys.executable, "-m", "flatnorm_dask.config"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0 and result.stdout == render_default_yaml(), result.stderr
+    text = DEFAULT.read_text()
+    for key, opt in OPTIONS.items():  # each option's documentation, in full, once
+        words = " ".join(opt.summary.split())
+        assert " ".join(re.sub(r"^ *#", "", text, flags=re.M).split()).count(words) == 1, key
+        assert "\n" not in opt.summary and opt.summary.endswith("."), key  # one sentence: the flag's help
+    for section, cls in SECTIONS.items():
+        assert f"# {' '.join(cls.__doc__.split())[:60]}" in text, section
 
 
 def test_default_yaml_documents_every_option_once():
@@ -76,21 +98,24 @@ def test_shipped_configs_say_what_they_promise(clean_dask_env):
     test = load_config(CONFIGS / "testcam.yaml")
     assert (test.solve.level, test.input.camera) == ("DETECTOR", "testcam")
     assert test.input.pattern == "{physical_filter}/{exposure}/flatStats_{detector}.yaml"
-    slurm = load_config(CONFIGS / "slurm.yaml").dask_settings()
-    assert slurm["flatnorm.cluster.scheduler"] == "slurm"
+    slurm = load_config(CONFIGS / "slurm.yaml")
+    assert (slurm.cluster.scheduler, slurm.cluster.n_workers, slurm.cluster.wait_timeout) == ("slurm", 4, 1800)
     for key in ("cores", "memory", "walltime", "queue"):
-        assert f"jobqueue.slurm.{key}" in slurm
+        assert f"jobqueue.slurm.{key}" in slurm.dask_settings()
+    assert not [key for key in slurm.dask_settings() if key.startswith("flatnorm")]  # no round trip
 
 
 def test_slurm_config_gives_a_job_script(tmp_path, monkeypatch, clean_dask_env):
     pytest.importorskip("dask_jobqueue")
-    from dask_jobqueue import SLURMCluster
+    from flatnorm_dask.cluster import job_script
 
     monkeypatch.chdir(tmp_path)  # the cluster creates its log directory here
-    with dask.config.set(load_config(CONFIGS / "slurm.yaml").dask_settings()):
-        with SLURMCluster() as cluster:
-            script = cluster.job_script()
+    cfg = load_config(CONFIGS / "slurm.yaml")
+    with dask.config.set(cfg.dask_settings()):
+        script = job_script(cfg.cluster)
     assert "#SBATCH -p normal" in script and "#SBATCH --mem=64G" in script and "#SBATCH -t 02:00:00" in script
+    with pytest.raises(ValueError, match=r"cluster.scheduler is 'local': a job script needs a job-queue kind"):
+        job_script(Config().cluster)
 
 
 BAD = [
@@ -112,6 +137,9 @@ BAD = [
     ("output:\n  overwrite: maybe\n", "output.overwrite", "true or false"),
     ("cluster:\n  n_workers: 0\n", "cluster.n_workers", ">= 1"),
     ("cluster:\n  memory_limit: lots\n", "cluster.memory_limit", "4GiB"),
+    ("cluster:\n  scheduler: slurmm\n", "cluster.scheduler", "did you mean slurm?"),
+    ("cluster:\n  scheduler: scheduler-host\n", "cluster.scheduler", "tcp://host:8786"),
+    ("cluster:\n  wait_timeout: 0\n", "cluster.wait_timeout", "> 0"),
     ("solve: 3\n", "solve", "mapping"),
     ("- solve\n", "mapping of sections", ""),
     ("dask:\n  flatnorm:\n    cluster:\n      n_workers: 2\n", "dask.flatnorm.cluster.n_workers", "cluster"),
@@ -138,9 +166,9 @@ def test_missing_file(tmp_path):
 
 def test_values_are_normalised(tmp_path, clean_dask_env):
     path = write(tmp_path, "solve:\n  level: amp\n  tol: 1e-10\ninput:\n  on_error: MASK\n  root: ~/flats\n"
-                           "output:\ncluster:\n  memory_limit: 4GiB\n")
+                           "output:\ncluster:\n  memory_limit: 4GiB\n  scheduler: SLURM\n")
     cfg = load_config(path)
-    assert cfg.solve.level == "AMP" and cfg.input.on_error == "mask"
+    assert cfg.solve.level == "AMP" and cfg.input.on_error == "mask" and cfg.cluster.scheduler == "slurm"
     assert cfg.solve.tol == 1e-10  # PyYAML reads 1e-10 as a string; it is still a number
     assert cfg.input.root == os.path.expanduser("~/flats") and cfg.cluster.memory_limit == "4GiB"
     assert load_config(write(tmp_path, "")) == Config()  # an empty file is all defaults
@@ -190,6 +218,23 @@ def test_cluster_defaults_come_from_dask_config(tmp_path, clean_dask_env):
         load_config()
 
 
+def test_a_stored_config_reads_back_through_the_schema(clean_dask_env):
+    cfg = load_config(CONFIGS / "slurm.yaml", {"input.root": "/data", "solve.clip_sigma": 5.0,
+                                               "dask.array.chunk-size": "64MiB"})
+    stored = json.loads(json.dumps(cfg.to_dict()))  # as a Zarr attribute holds it
+    assert Config.from_dict(stored, "scales.zarr") == cfg
+    # A stored config is what was written: dask's config (the environment) does not change it.
+    clean_dask_env["DASK_FLATNORM__CLUSTER__N_WORKERS"] = "0"
+    dask.config.refresh()
+    assert Config.from_dict(stored, "scales.zarr").cluster.n_workers == 4
+    assert Config.from_dict({}, "scales.zarr") == Config()
+    stored["solve"]["level"] = "CCD"
+    with pytest.raises(ConfigError, match=r"^scales\.zarr: solve\.level: must be one of DETECTOR, AMP, got 'CCD'$"):
+        Config.from_dict(stored, "scales.zarr")
+    with pytest.raises(ConfigError, match=r"^scales\.zarr: solve\.levle: unknown option; did you mean solve\.level"):
+        Config.from_dict({"solve": {"levle": "AMP"}}, "scales.zarr")
+
+
 def test_dask_settings_apply_for_the_run(tmp_path, clean_dask_env):
     import distributed  # noqa: F401  (registers distributed's dask config defaults)
 
@@ -199,15 +244,167 @@ def test_dask_settings_apply_for_the_run(tmp_path, clean_dask_env):
     assert cfg.dask == {"distributed.worker.memory.target": 0.5, "array.chunk-size": "64MiB",
                         "distributed.worker.memory.spill": 0.75}
     spill_pause = dask.config.get("distributed.worker.memory.pause")
+    target = dask.config.get("distributed.worker.memory.target")
+    assert target != 0.5
+    assert cfg.cluster.n_workers == 3
     with dask.config.set(cfg.dask_settings()):
-        assert dask.config.get("flatnorm.cluster.n_workers") == 3
+        assert dask.config.get("flatnorm", default=None) is None  # cluster settings are passed, not set globally
         assert dask.config.get("distributed.worker.memory.target") == 0.5
         assert dask.config.get("distributed.worker.memory.pause") == spill_pause  # merged, not replaced
         assert dask.config.get("array.chunk-size") == "64MiB"
-    assert dask.config.get("flatnorm.cluster.n_workers") is None
+    assert dask.config.get("distributed.worker.memory.target") == target  # for the run only
 
 
 def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.solve.level = "AMP"  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------- command-line flags
+
+#: The flags of flatnorm run before the schema made them; each must keep its name.
+HISTORIC_FLAGS = {
+    "--input": "input.root", "--pattern": "input.pattern", "--manifest": "input.manifest",
+    "--camera": "input.camera", "--on-error": "input.on_error", "--batch-size": "input.batch_size",
+    "--butler": "input.butler", "--collections": "input.collections", "--dataset-type": "input.dataset_type",
+    "--where": "input.where", "--instrument": "input.instrument", "--level": "solve.level",
+    "--iterations": "solve.iterations", "--tol": "solve.tol", "--max-iter": "solve.max_iter",
+    "--clip-sigma": "solve.clip_sigma", "--clip-rounds": "solve.clip_rounds", "--output": "output.store",
+    "--scales-yaml": "output.scales_yaml", "--overwrite": "output.overwrite", "--output-butler": "output.butler",
+    "--output-run": "output.run", "--scheduler": "cluster.scheduler", "--workers": "cluster.n_workers",
+}
+
+
+def sample(opt):
+    """(flag arguments, the value the option must then have), different from the option's default."""
+    text, value = {
+        "str": (f"{opt.key}-text",) * 2,
+        "path": (f"/flat/{opt.key}",) * 2,
+        "strlist": ("a, b", ["a", "b"]),
+        "int": (str(int(opt.minimum or 0) + 3), int(opt.minimum or 0) + 3),
+        "float": ("0.25", 0.25),
+        "memory": ("3GiB", "3GiB"),
+        "scheduler": ("tcp://127.0.0.1:8786", "tcp://127.0.0.1:8786"),
+    }.get(opt.kind, (None, None))
+    if opt.kind == "choice":
+        text, value = opt.choices[-1].swapcase(), opt.choices[-1]  # case-insensitive, canonical spelling kept
+    if opt.kind == "bool":
+        return [opt.flag], True
+    assert value is not None and value != opt.default, opt.key
+    return [opt.flag, text], value
+
+
+# Options that cannot be set together (one way of finding inputs; iterations or tol): three command lines.
+BUTLER_ONLY = {"input.butler", "input.collections", "input.where", "solve.tol"}
+GROUPS = [set(OPTIONS) - BUTLER_ONLY - {"input.manifest"}, BUTLER_ONLY, {"input.manifest"}]
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "job-script"])
+def test_every_option_has_its_flag_and_each_flag_sets_its_option(command, clean_dask_env):
+    from flatnorm_dask.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+    flags = {flag: action.dest for action in sub._actions for flag in action.option_strings}
+    assert {opt.flag: key for key, opt in OPTIONS.items()}.items() <= flags.items()
+    assert HISTORIC_FLAGS.items() <= flags.items()
+    assert len({opt.flag for opt in OPTIONS.values()}) == len(OPTIONS)
+    assert set().union(*GROUPS) == set(OPTIONS)
+    for group in GROUPS:
+        argv = [command]
+        for key in group:
+            argv += sample(OPTIONS[key])[0]
+        cfg = config_from_args(parser.parse_args(argv)).to_dict()
+        for key in group:
+            section, name = key.split(".")
+            assert cfg[section][name] == sample(OPTIONS[key])[1], key
+
+
+def test_flag_help_comes_from_the_schema(capsys):
+    from flatnorm_dask.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for opt in OPTIONS.values():
+        assert f"{opt.flag} {opt.cli_metavar + ' ' if opt.cli_metavar else ''}{' '.join(opt.help.split())}" in text
+    assert "--level {DETECTOR,AMP}" in text and "(default: 1000)" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: AMP)" in " ".join(capsys.readouterr().out.split())  # the demo's own default
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--iterations", "ten"], "command line: solve.iterations: expected an integer, got a string 'ten'"),
+    (["--iterations", "0"], "command line: solve.iterations: must be >= 1, got 0"),
+    (["--level", "ccd"], "command line: solve.level: must be one of DETECTOR, AMP, got 'ccd'"),
+    (["--on-error", "ignore"], "command line: input.on_error: must be one of raise, mask, got 'ignore'"),
+    (["--tol", "nan"], "command line: solve.tol: expected a finite number, got a string 'nan'"),
+    (["--workers", "2.5"], "command line: cluster.n_workers: expected an integer, got a string '2.5'"),
+    (["--memory-limit", "lots"], "command line: cluster.memory_limit: expected 'auto' or a size"),
+    (["--memory-limit", "2.5"], "command line: cluster.memory_limit: a float is a fraction"),
+    (["--scheduler", "slurmm"], "command line: cluster.scheduler: expected local, slurm, pbs"),
+    (["--batch-size", ""], "command line: input.batch_size: expected an integer, got a string ''"),
+])
+def test_bad_flag_values_are_one_line_naming_the_option(flags, message, tmp_path, capsys, clean_dask_env):
+    from flatnorm_dask.cli import main
+
+    code = main(["run", *flags, "--output", str(tmp_path / "s.zarr"), "--no-progress"])
+    line = error_line(subprocess.CompletedProcess([], code, "", capsys.readouterr().err))
+    assert line.startswith(f"flatnorm: error: {message}"), line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_iterations_and_tol_flags_exclude_each_other(capsys):
+    from flatnorm_dask.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--iterations", "3", "--tol", "1e-9"])
+    assert exit_.value.code == 2
+    assert "argument --tol: not allowed with argument --iterations" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- workflows/ and cluster
+
+WORKFLOWS = REPO / "workflows"
+
+
+@pytest.mark.parametrize(("script", "argv", "chosen"), [
+    ("local.py", ["--scheduler", "tcp://10.0.0.1:8786"], "local"),
+    ("local.py", ["--sched=slurm"], "local"),  # an abbreviation is the same flag
+    ("existing_scheduler.py", ["tcp://10.0.0.1:8786", "--scheduler", "local"], "tcp://10.0.0.1:8786"),
+    ("slurm.py", ["--kind", "jobqueue-local", "--scheduler", "local"], "jobqueue-local"),
+    ("slurm.py", ["--print-job-script", "--scheduler", "pbs"], "slurm"),
+])
+def test_workflow_scripts_refuse_a_scheduler_flag(script, argv, chosen, tmp_path, monkeypatch, capsys):
+    """Each script chooses the cluster: a user's --scheduler is refused in one line, not silently replaced."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--output", str(tmp_path / "s.zarr"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(WORKFLOWS / script), run_name="__main__")
+    line = error_line(subprocess.CompletedProcess([], exit_.value.code, "", capsys.readouterr().err))
+    assert "--scheduler" in line and f"this script runs on {chosen}" in line, line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_connect_takes_its_settings_explicitly(tmp_path, clean_dask_env):
+    """The cluster section reaches connect() as an argument; dask's global config plays no part."""
+    from flatnorm_dask.cluster import connect
+
+    local = Config.from_dict({"cluster": {"n_workers": 1, "threads_per_worker": 2, "memory_limit": "1GiB"}}).cluster
+    stray = {"flatnorm.cluster.n_workers": 3, "flatnorm.cluster.scheduler": "tcp://10.255.255.1:1"}
+    with dask.config.set(stray), connect(local) as client:
+        workers = list(client.scheduler_info()["workers"].values())
+        assert [(w["nthreads"], w["memory_limit"]) for w in workers] == [(2, 2**30)]
+        address = client.scheduler.address
+        scheduler_file = tmp_path / "scheduler.json"
+        scheduler_file.write_text(json.dumps({"address": address}))
+        for spec in (address, str(scheduler_file)):
+            joined = Config.from_dict({"cluster": {"scheduler": spec}}).cluster
+            with connect(joined) as other:
+                assert other.scheduler.address == address
+                assert len(other.scheduler_info()["workers"]) == 1
+        assert len(client.scheduler_info()["workers"]) == 1  # joining and leaving left it running
+    assert client.status == "closed" and client.cluster.status.name == "closed"

@@ -1,6 +1,7 @@
 """End to end: the ``flatnorm`` command on simulated LSST-format files, a real LocalCluster, a Zarr store."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,7 +197,13 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
     script = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--print-job-script",
                              "--kind", "jobqueue-local", str(cfg)], capture_output=True, text=True, timeout=120)
     assert script.returncode == 0, script.stderr
-    assert "2GiB" in script.stdout or "2.00 GiB" in script.stdout or "memory-limit" in script.stdout
+    # The configured job memory (2GiB, one worker process a job) is what each worker is limited to.
+    from dask.utils import format_bytes, parse_bytes
+
+    limit = format_bytes(parse_bytes("2GiB") // 1).replace(" ", "")
+    assert limit == "2.00GiB"
+    assert re.search(rf"--memory-limit {re.escape(limit)}( |$)", script.stdout, re.M), script.stdout
+    assert re.search(r"--nthreads 1( |$)", script.stdout, re.M), script.stdout
     jq = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--kind", "jobqueue-local", str(cfg),
                          "--output", str(tmp_path / "jq.zarr"), *common], capture_output=True, text=True, timeout=300)
     assert jq.returncode == 0, jq.stderr

@@ -2,7 +2,8 @@
 
     python workflows/local.py configs/lsstcam.yaml --input /data/flatStats --output scales.zarr [--workers 2]
 
-Any ``flatnorm run`` flag is accepted.  The cluster is sized to the machine (one single-threaded worker process
+Any ``flatnorm run`` flag is accepted but ``--scheduler`` (this script chooses the cluster; a config file's
+``cluster.scheduler`` is replaced).  The cluster is sized to the machine (one single-threaded worker process
 per core: parsing holds the GIL) unless ``--workers`` or the config's ``cluster`` section says otherwise.
 """
 
@@ -11,4 +12,4 @@ import sys
 from flatnorm_dask.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:], "--scheduler", "local"]))
+    sys.exit(main(["run", *sys.argv[1:]], scheduler="local"))

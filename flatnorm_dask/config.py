@@ -43,6 +43,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "EXCLUSIVE_FLAGS",
     "InputConfig",
     "Option",
     "OutputConfig",

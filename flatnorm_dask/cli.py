@@ -153,9 +153,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _lsstcam_filter(name: str) -> str:
+    # Checked when given, not listed as argparse choices: listing them would import the simulator (xarray,
+    # pandas) for every command, --help included.
     from .simulate import LSSTCAM_FILTERS
 
+    if name not in LSSTCAM_FILTERS:
+        raise argparse.ArgumentTypeError(f"unknown LSSTCam filter {name!r} (choose from {', '.join(LSSTCAM_FILTERS)})")
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flatnorm", description="Flat-field normalisation scales on Dask.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -171,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="flatnorm-demo", help="where inputs and outputs go (default ./flatnorm-demo)")
     p.add_argument("--detectors", type=int, default=189)
     p.add_argument("--exposures", type=int, default=10)
-    p.add_argument("--filters", nargs="+", default=["g_6", "r_57"], choices=LSSTCAM_FILTERS)
+    p.add_argument("--filters", nargs="+", default=["g_6", "r_57"], type=_lsstcam_filter, metavar="FILTER",
+                   help="LSSTCam physical filters (default: g_6 r_57)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="simulate again even if inputs exist")
     p.set_defaults(func=cmd_demo)

@@ -111,7 +111,7 @@ def test_slurm_config_gives_a_job_script(tmp_path, monkeypatch, clean_dask_env):
 
     monkeypatch.chdir(tmp_path)  # the cluster creates its log directory here
     cfg = load_config(CONFIGS / "slurm.yaml")
-    with dask.config.set(cfg.dask_settings()):
+    with dask.config.set({**cfg.dask_settings(), "distributed.scheduler.dashboard.address": ":0"}):
         script = job_script(cfg.cluster)
     assert "#SBATCH -p normal" in script and "#SBATCH --mem=64G" in script and "#SBATCH -t 02:00:00" in script
     with pytest.raises(ValueError, match=r"cluster.scheduler is 'local': a job script needs a job-queue kind"):
@@ -393,7 +393,8 @@ def test_connect_takes_its_settings_explicitly(tmp_path, clean_dask_env):
 
     local = Config.from_dict({"cluster": {"n_workers": 1, "threads_per_worker": 2, "memory_limit": "1GiB"}}).cluster
     stray = {"flatnorm.cluster.n_workers": 3, "flatnorm.cluster.scheduler": "tcp://10.255.255.1:1"}
-    with dask.config.set(stray), connect(local) as client:
+    quiet = {"distributed.scheduler.dashboard.address": ":0"}  # a dask key, as a config's dask: section sets it
+    with dask.config.set({**stray, **quiet}), connect(local) as client:
         workers = list(client.scheduler_info()["workers"].values())
         assert [(w["nthreads"], w["memory_limit"]) for w in workers] == [(2, 2**30)]
         address = client.scheduler.address
@@ -406,3 +407,15 @@ def test_connect_takes_its_settings_explicitly(tmp_path, clean_dask_env):
                 assert len(other.scheduler_info()["workers"]) == 1
         assert len(client.scheduler_info()["workers"]) == 1  # joining and leaving left it running
     assert client.status == "closed" and client.cluster.status.name == "closed"
+
+
+def test_demo_filters_are_checked_when_given(capsys):
+    from flatnorm_dask.cli import build_parser, main
+    from flatnorm_dask.simulate import LSSTCAM_FILTERS
+
+    assert build_parser().parse_args(["demo", "--filters", *LSSTCAM_FILTERS]).filters == list(LSSTCAM_FILTERS)
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--filters", "g_6", "x_1"])
+    assert exit_.value.code == 2
+    assert f"argument --filters: unknown LSSTCam filter 'x_1' (choose from {', '.join(LSSTCAM_FILTERS)})" \
+        in capsys.readouterr().err

@@ -111,6 +111,20 @@ def job_script(cluster: ClusterConfig) -> str:
 
 
 @contextlib.contextmanager
+def _closing(cluster):
+    """Close a cluster started here on exit; on an error, without letting a failed shutdown replace it."""
+    try:
+        yield cluster
+    except BaseException:
+        try:
+            cluster.close()
+        except Exception:  # e.g. a job that was never submitted: distributed asserts on its state
+            log.debug("closing %r after an error failed too", cluster, exc_info=True)
+        raise
+    cluster.close()
+
+
+@contextlib.contextmanager
 def connect(cluster: ClusterConfig) -> Iterator[Client]:
     """A ``distributed.Client`` for the run, shut down (with any cluster it started) on exit.
 
@@ -124,9 +138,9 @@ def connect(cluster: ClusterConfig) -> Iterator[Client]:
     kind = scheduler_kind(cluster.scheduler)
     with contextlib.ExitStack() as stack:  # closes the client, then any cluster started here, even on error
         if kind == "local":
-            client = stack.enter_context(Client(stack.enter_context(_local_cluster(cluster))))
+            client = stack.enter_context(Client(stack.enter_context(_closing(_local_cluster(cluster)))))
         elif kind == "jobqueue":
-            jobs = stack.enter_context(_jobqueue_class(cluster.scheduler)())
+            jobs = stack.enter_context(_closing(_jobqueue_class(cluster.scheduler)()))
             jobs.scale(jobs=cluster.n_workers or 1)
             client = stack.enter_context(Client(jobs))
             try:

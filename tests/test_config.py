@@ -419,3 +419,36 @@ def test_demo_filters_are_checked_when_given(capsys):
     assert exit_.value.code == 2
     assert f"argument --filters: unknown LSSTCam filter 'x_1' (choose from {', '.join(LSSTCAM_FILTERS)})" \
         in capsys.readouterr().err
+
+
+def test_a_job_queue_without_workers_fails_in_one_line_and_is_shut_down(tmp_path, monkeypatch, clean_dask_env):
+    """No job starts (the batch system refuses it): the run stops after cluster.wait_timeout, saying so."""
+    pytest.importorskip("dask_jobqueue")
+    from flatnorm_dask import cluster as cluster_module
+    from flatnorm_dask.cluster import connect
+
+    fake = tmp_path / "bin" / "sbatch"  # a batch system that refuses every job, on any machine
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: normal' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    started = []  # the real cluster objects connect() makes, kept to see their state afterwards
+    real_class = cluster_module._jobqueue_class
+
+    def recording_class(kind):
+        def make():
+            started.append(real_class(kind)())
+            return started[-1]
+        return make
+
+    monkeypatch.setattr(cluster_module, "_jobqueue_class", recording_class)
+    cfg = Config.from_dict({"cluster": {"scheduler": "slurm", "wait_timeout": 2}})
+    settings = {"jobqueue.slurm.cores": 1, "jobqueue.slurm.memory": "1GiB",
+                "distributed.scheduler.dashboard.address": ":0"}
+    with dask.config.set(settings), pytest.raises(TimeoutError) as err:
+        with connect(cfg.cluster):
+            pass
+    assert str(err.value) == ("no slurm job started a worker within 2 s (cluster.wait_timeout); check the queue "
+                              "and the job script")
+    assert [c.scheduler.status.name for c in started] == ["closed"]

@@ -1,7 +1,6 @@
 """End to end: the ``flatnorm`` command on simulated LSST-format files, a real LocalCluster, a Zarr store."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -198,6 +197,8 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
                              "--kind", "jobqueue-local", str(cfg)], capture_output=True, text=True, timeout=120)
     assert script.returncode == 0, script.stderr
     # The configured job memory (2GiB, one worker process a job) is what each worker is limited to.
+    import re
+
     from dask.utils import format_bytes, parse_bytes
 
     limit = format_bytes(parse_bytes("2GiB") // 1).replace(" ", "")

@@ -1,7 +1,14 @@
-"""Shared by the tests: PyYAML with the PropertyList tag (an independent reader/writer), the CLI's error line."""
+"""Shared by the tests: their data, PyYAML with the PropertyList tag (an independent reader/writer), the CLI's
+error line."""
+
+from pathlib import Path
 
 import yaml
 
+#: Files the tests read (see data/README.md for their sources).
+DATA = Path(__file__).parent / "data"
+
+# Spelled here, not imported: the tests check flatnorm_dask.propertylist against LSST's tag, not against itself.
 TAG = "lsst.daf.base.PropertyList"
 
 

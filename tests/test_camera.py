@@ -3,15 +3,15 @@
 import re
 import shutil
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from flatnorm_dask.camera import Camera, load_camera
+from helpers import DATA
 
-SHARED_AMPS = Path("/work/shared/data/lsstcam_amplifiers.csv")
+SHARED_AMPS = DATA / "lsstcam_amplifiers.csv"  # the obs_lsst-derived table, see tests/data/README.md
 LSST_AMPS = ("C10", "C11", "C12", "C13", "C14", "C15", "C16", "C17",
              "C07", "C06", "C05", "C04", "C03", "C02", "C01", "C00")
 CORNER_RAFTS = {"R00", "R04", "R40", "R44"}
@@ -35,7 +35,6 @@ def test_lsstcam_detectors_and_amplifiers(lsstcam):
     assert lsstcam.detector_size_mm == 42.25
 
 
-@pytest.mark.skipif(not SHARED_AMPS.exists(), reason="shared amplifier table not available")
 def test_lsstcam_matches_the_shared_amplifier_table(lsstcam):
     shared = pd.read_csv(SHARED_AMPS).sort_values(["detector", "amp_index"])
     assert len(shared) == lsstcam.n_detector * lsstcam.n_amp

@@ -14,12 +14,31 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
+# Imported on first use: the campaign reader needs pandas and xarray, which a light command never loads.
+_LAZY = {"read_campaign": "ingest", "read_stats_file": "formats"}
+
 __all__ = [
     "ScaleResult",
     "__version__",
     "measure_scales",
     "normalize",
+    "read_campaign",
+    "read_stats_file",
     "records_to_matrices",
     "scales_dict",
     "usable_cells",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

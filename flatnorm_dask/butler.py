@@ -6,7 +6,7 @@ functions here, so the rest of the package works without it.
 - :func:`find_inputs` asks the registry for the statistics datasets of some collections and returns the same
   file table as :func:`flatnorm_dask.ingest.discover` (``path, exposure, detector, physical_filter``), with
   the ids taken from the data ids and the paths from the datastore (local files as plain paths, remote ones
-  as URIs that :func:`flatnorm_dask.formats.read_stats` reads through ``lsst.resources``).  The files are
+  as URIs that :func:`flatnorm_dask.formats.read_stats_file` reads through ``lsst.resources``).  The files are
   then read by our own parser in the usual batched Dask tasks; the butler never reads them.
 - :class:`ScalesOutput` checks an output repository before the run and, once the Zarr store is committed,
   puts one ``cpFlatNormScales`` dataset per physical_filter (dimensions instrument, physical_filter; storage

@@ -2,8 +2,9 @@
 
 Discovery (a filename pattern with named fields, or a manifest) runs on the client and yields a file table.
 Reading runs in Dask tasks, each covering one block of (detector, exposure) cells, about ``batch_size``
-files: the task parses its files with :func:`flatnorm_dask.formats.read_stats` and returns one packed numpy
-block, so the client never touches the statistics.  The Datasets are slices of those packed blocks.
+files: the task parses its files with its own :class:`~flatnorm_dask.formats.StatsReader` and returns one
+packed numpy block (channels: :class:`~flatnorm_dask.schema.PackedChannels`), so the client never touches the
+statistics.  The Datasets are slices of those packed blocks.
 
 A cell's ``status`` says what happened to it (see :data:`STATUS`).  With ``on_error="mask"`` a bad file masks
 its cell; :func:`problems` turns the statuses back into (file, reason) records.
@@ -13,24 +14,37 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .schema import ON_ERROR
-from .formats import StatsFormatError, read_stats as read_stats_file
+from .formats import StatsReader
+from .schema import (
+    AMP_VARIABLES,
+    COUNT_STAT,
+    DAY_OBS_PATTERN,
+    DET_VARIABLES,
+    OBS_ID_PATTERN,
+    ON_ERROR,
+    PackedChannels,
+    VALUE_STAT,
+    StatsFormatError,
+    check_level,
+    exposure_from_obs_id,
+    exposure_id,
+)
 
 __all__ = [
     "STATUS",
     "IngestError",
     "compile_pattern",
     "discover",
-    "exposure_from_obs_id",
     "problems",
-    "read_stats",
+    "read_campaign",
+    "solver_inputs",
 ]
 
 #: Cell status codes stored in the ``status`` variable.
@@ -44,9 +58,9 @@ DUPLICATE_SEPARATOR = " | "  # joins the paths of duplicate files in a cell's ``
 _FIELD_REGEX = {
     "exposure": r"\d+",
     "detector": r"\d+",
-    "day_obs": r"\d{8}",
+    "day_obs": DAY_OBS_PATTERN,
     "seq_num": r"\d+",
-    "obs_id": r"[A-Za-z0-9]+_[A-Za-z0-9]+_\d{8}_\d+",
+    "obs_id": OBS_ID_PATTERN,
     "detector_name": r"[A-Za-z0-9]+_[A-Za-z0-9]+",
     "run": r".+?",
 }
@@ -55,14 +69,6 @@ _ANY = r"[^/]+?"
 
 class IngestError(ValueError):
     """Bad inputs found while listing files: a one-line message naming the file or column."""
-
-
-def exposure_from_obs_id(obs_id: str) -> int:
-    """LSST exposure id from an observation id: ``MC_C_20251120_000042`` -> ``20251120 * 100000 + 42``."""
-    match = re.fullmatch(r"[A-Za-z0-9]+_[A-Za-z0-9]+_(\d{8})_(\d+)", obs_id)
-    if not match:
-        raise ValueError(f"not an LSST obs_id (INSTRUMENT_CONTROLLER_YYYYMMDD_SEQNUM): {obs_id!r}")
-    return int(match.group(1)) * 100_000 + int(match.group(2))
 
 
 def compile_pattern(pattern: str) -> re.Pattern[str]:
@@ -87,15 +93,34 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
+def _exposure_ids(table: pd.DataFrame) -> Any:
+    """Exposure ids from matched pattern fields: ``exposure``, ``obs_id``, or ``day_obs`` and ``seq_num``."""
+    if "exposure" in table:
+        return table["exposure"].astype(np.int64)
+    if "obs_id" in table:
+        ids = []
+        for path, obs_id in zip(table["path"], table["obs_id"]):
+            try:
+                ids.append(exposure_from_obs_id(obs_id))
+            except ValueError as err:
+                raise IngestError(f"{path}: {err}") from None
+        return np.array(ids, dtype=np.int64)
+    day_obs, seq_num = table["day_obs"].astype(np.int64), table["seq_num"].astype(np.int64)
+    try:
+        return exposure_id(day_obs.to_numpy(), seq_num.to_numpy())
+    except ValueError:
+        for path, day, seq in zip(table["path"], day_obs, seq_num):  # find the file to name
+            try:
+                exposure_id(day, seq)
+            except ValueError as err:
+                raise IngestError(f"{path}: {err}") from None
+        raise
+
+
 def _ids_from_fields(table: pd.DataFrame, camera: Any, source: str) -> pd.DataFrame:
     """Turn matched pattern fields into integer exposure and detector ids."""
     out = pd.DataFrame({"path": table["path"]})
-    if "exposure" in table:
-        out["exposure"] = table["exposure"].astype(np.int64)
-    elif "obs_id" in table:
-        out["exposure"] = [exposure_from_obs_id(o) for o in table["obs_id"]]
-    else:
-        out["exposure"] = table["day_obs"].astype(np.int64) * 100_000 + table["seq_num"].astype(np.int64)
+    out["exposure"] = _exposure_ids(table)
     if "detector" in table:
         out["detector"] = table["detector"].astype(np.int64)
     else:
@@ -200,9 +225,10 @@ def _read_manifest(path: Path, root: str | os.PathLike | None) -> pd.DataFrame:
 
 def _probe_amp_names(paths: Sequence[str], on_error: str) -> tuple[str, ...]:
     """Amplifier names from the first readable file (the reference gets them from the camera)."""
+    reader = StatsReader()
     for path in paths:
         try:
-            return read_stats_file(path).amp_names
+            return reader.read(path).amp_names
         except StatsFormatError:
             if on_error == "raise":
                 raise
@@ -211,35 +237,38 @@ def _probe_amp_names(paths: Sequence[str], on_error: str) -> tuple[str, ...]:
 
 def _read_block(rows: np.ndarray, cols: np.ndarray, paths: Sequence[str], shape: tuple[int, int],
                 amp_names: tuple[str, ...], on_error: str, duplicates: np.ndarray) -> np.ndarray:
-    """Read one block of files into a packed array (cell, channel) -- runs in a Dask task.
+    """Read one block of files into a packed array (detector, channel, exposure) -- runs in a Dask task.
 
-    Channels: status, the three detector statistics, then value, count and sigma of every amplifier.
+    The channels are :class:`~flatnorm_dask.schema.PackedChannels`'; one reader serves the whole block, so
+    the files after the second read through the layout it learns from them.
     """
-    n_amp = len(amp_names)
-    block = np.full((shape[0], 4 + 3 * n_amp, shape[1]), np.nan)
-    block[:, 0, :] = ABSENT
-    block[:, 2, :] = 0.0  # an absent cell has no pixels
-    block[:, 4 + n_amp:4 + 2 * n_amp, :] = 0.0
+    channels = PackedChannels(len(amp_names))
+    block = np.full((shape[0], channels.size, shape[1]), np.nan)
+    status = channels.status
+    block[:, status, :] = ABSENT
+    block[:, channels.det_channel(COUNT_STAT), :] = 0.0  # an absent cell has no pixels
+    block[:, channels.amp_channels(COUNT_STAT), :] = 0.0
+    reader = StatsReader()
     for r, c, path, dup in zip(rows, cols, paths, duplicates):
         if dup:
-            block[r, 0, c] = DUPLICATE
+            block[r, status, c] = DUPLICATE
             continue
         try:
-            stats = read_stats_file(path)
+            stats = reader.read(path)
         except StatsFormatError:
             if on_error == "raise":
                 raise
-            block[r, 0, c] = BAD_FILE
+            block[r, status, c] = BAD_FILE
             continue
         if stats.amp_names != amp_names:
             if on_error == "raise":
                 raise StatsFormatError(path, f"amplifier names {list(stats.amp_names)} differ from "
                                        f"{list(amp_names)} of the other files", key="AMP_NAME_i")
-            block[r, 0, c] = AMP_MISMATCH
+            block[r, status, c] = AMP_MISMATCH
             continue
-        block[r, 0, c] = OK
-        block[r, 1:4, c] = stats.det
-        block[r, 4:, c] = stats.amp.reshape(-1)
+        block[r, status, c] = OK
+        block[r, channels.det, c] = stats.det
+        block[r, channels.amp, c] = stats.amp.reshape(-1)
     return block
 
 
@@ -263,11 +292,11 @@ def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str,
         others = files[dup & (files["exposure"] == first.exposure) & (files["detector"] == first.detector)]
         raise IngestError(f"{others['path'].iloc[1]}: duplicate of {others['path'].iloc[0]} "
                           f"(exposure {first.exposure}, detector {first.detector})")
-    n_det, n_exp, n_amp = len(detectors), len(exposures), len(amp_names)
+    n_det, n_exp = len(detectors), len(exposures)
     det_chunk = min(n_det, batch_size)
     exp_chunk = max(1, batch_size // det_chunk)
     paths = files["path"].to_numpy()
-    n_channel = 4 + 3 * n_amp
+    channels = PackedChannels(len(amp_names))
 
     rows_of_blocks = []
     for d0, d1 in _chunk_bounds(n_det, det_chunk):
@@ -278,7 +307,7 @@ def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str,
             task = dask.delayed(_read_block, pure=True)(
                 det_idx[sel] - d0, exp_idx[sel] - e0, paths[sel].tolist(), (d1 - d0, e1 - e0),
                 amp_names, on_error, dup[sel])
-            blocks.append(da.from_delayed(task, shape=(d1 - d0, n_channel, e1 - e0), dtype=np.float64))
+            blocks.append(da.from_delayed(task, shape=(d1 - d0, channels.size, e1 - e0), dtype=np.float64))
         rows_of_blocks.append(da.concatenate(blocks, axis=2))
     packed = da.concatenate(rows_of_blocks, axis=0)
 
@@ -288,15 +317,12 @@ def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str,
     file_grid[det_idx[~dup], exp_idx[~dup]] = paths[~dup]
     for (d, e), group in files[dup].groupby([det_idx[dup], exp_idx[dup]]):
         file_grid[d, e] = DUPLICATE_SEPARATOR.join(group["path"])
+    statistics = {name: (amp_cell if per_amp else cell, packed[:, index, :])
+                  for name, per_amp, index in channels.variables()}
     ds = xr.Dataset(
         {
-            "status": (cell, packed[:, 0, :].astype(np.uint8)),
-            "det_value": (cell, packed[:, 1, :]),
-            "det_count": (cell, packed[:, 2, :]),
-            "det_sigma": (cell, packed[:, 3, :]),
-            "amp_value": (amp_cell, packed[:, 4:4 + n_amp, :]),
-            "amp_count": (amp_cell, packed[:, 4 + n_amp:4 + 2 * n_amp, :]),
-            "amp_sigma": (amp_cell, packed[:, 4 + 2 * n_amp:, :]),
+            "status": (cell, packed[:, channels.status, :].astype(np.uint8)),
+            **statistics,
             "file": (cell, file_grid.astype(str)),
         },
         coords={"detector": detectors, "amp": list(amp_names), "exposure": exposures},
@@ -307,7 +333,7 @@ def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str,
     return ds
 
 
-def read_stats(
+def read_campaign(
     root: str | os.PathLike | None = None,
     pattern: str | None = None,
     manifest: str | os.PathLike | None = None,
@@ -322,7 +348,9 @@ def read_stats(
     Parameters
     ----------
     root, pattern, manifest, camera
-        Where the files are: see :func:`discover`.  Amplifier names come from the files.  Alternatively pass ``files``, a table from it.
+        Where the files are: see :func:`discover`.  Amplifier names come from the files.
+    files : pandas.DataFrame, optional
+        Instead of the above, a file table such as :func:`discover` returns.
     on_error : {"raise", "mask"}
         On an unreadable or malformed file, a duplicate (detector, exposure) or amplifier names that
         disagree: raise an error naming the file and key, or mask the cell and record its status.
@@ -371,7 +399,7 @@ def problems(ds, status: np.ndarray | None = None) -> list[dict[str, str]]:
     Parameters
     ----------
     ds : xarray.Dataset
-        A node of :func:`read_stats`' tree.
+        A node of :func:`read_campaign`'s tree.
     status : ndarray, optional
         ``ds.status`` already computed (it is computed here otherwise).
 
@@ -381,12 +409,13 @@ def problems(ds, status: np.ndarray | None = None) -> list[dict[str, str]]:
     """
     status = np.asarray(ds["status"].values if status is None else status)
     files = ds["file"].values
+    reader = StatsReader()
     out = []
     for d, e in zip(*np.nonzero((status != OK) & (status != ABSENT))):
         path, code = str(files[d, e]), int(status[d, e])
         if code == BAD_FILE:
             try:
-                read_stats_file(path)
+                reader.read(path)
                 reason = "unreadable when read by the worker"  # e.g. it has since been fixed or appeared
             except StatsFormatError as err:
                 reason = err.reason if err.key is None else f"key {err.key}: {err.reason}"
@@ -402,11 +431,5 @@ def problems(ds, status: np.ndarray | None = None) -> list[dict[str, str]]:
 
 def solver_inputs(ds, level: str) -> tuple[Any, Any]:
     """The statistic and weight arrays the solver takes, for a scaling level."""
-    if level == "AMP":
-        return ds["amp_value"], ds["amp_count"]
-    return ds["det_value"], ds["det_count"]
-
-
-def as_mapping(tree) -> Mapping[str, Any]:
-    """Filter name -> Dataset of a tree from :func:`read_stats`."""
-    return {name: node.to_dataset() for name, node in tree.children.items()}
+    variables = AMP_VARIABLES if check_level(level) == "AMP" else DET_VARIABLES
+    return ds[variables[VALUE_STAT]], ds[variables[COUNT_STAT]]

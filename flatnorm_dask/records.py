@@ -2,8 +2,10 @@
 
 ``normalize`` takes per-(detector, exposure) statistic records (mappings such as a PropertyList read by
 :mod:`flatnorm_dask.formats`) with their data ids and returns the ``cpFlatNormScales`` structure the LSST flat
-combination consumes.  Unlike the reference, amplifier rows are ``det * nAmp + amp`` on the way in and on the
-way out, and a non-finite statistic masks its cell instead of corrupting a weight.
+combination consumes.  Each record goes through :func:`flatnorm_dask.schema.extract_stats`, so it passes the
+same checks as a file that :mod:`flatnorm_dask.formats` reads.  Unlike the reference, amplifier rows are
+``det * nAmp + amp`` on the way in and on the way out, and a non-finite statistic masks its cell instead of
+corrupting a weight.
 """
 
 from __future__ import annotations
@@ -13,28 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from .schema import check_level
+from .schema import (
+    COUNT_STAT,
+    STAT_INDEX,
+    VALUE_STAT,
+    StatsFormatError,
+    amp_name_key,
+    check_level,
+    extract_stats,
+)
 from .solver import measure_scales
 
 __all__ = ["normalize", "records_to_matrices", "scales_dict"]
-
-
-def _amp_names_of(record: Mapping[str, Any], where: str) -> list[str]:
-    names = []
-    while f"AMP_NAME_{len(names)}" in record:
-        names.append(str(record[f"AMP_NAME_{len(names)}"]))
-    if not names:
-        raise KeyError(f"{where}: no amplifier names (AMP_NAME_0 missing)")
-    return names
-
-
-def _get(record: Mapping[str, Any], key: str, where: str) -> float:
-    try:
-        return float(record[key])
-    except KeyError:
-        raise KeyError(f"{where}: statistic {key} missing") from None
-    except (TypeError, ValueError):
-        raise KeyError(f"{where}: statistic {key} is not a number: {record[key]!r}") from None
 
 
 def records_to_matrices(
@@ -54,6 +46,17 @@ def records_to_matrices(
         Sorted ids labelling the columns and the detectors.
     amp_names : list of str
         Amplifier names (from ``camera`` when given, else from the first record).
+
+    Raises
+    ------
+    KeyError
+        A data id lacks ``exposure`` or ``detector``.
+    StatsFormatError
+        A record that :func:`~flatnorm_dask.schema.extract_stats` refuses (a statistic missing or not a
+        number, a negative count, a gap in the amplifier numbering, a name that is not a string), or at
+        amplifier level with other amplifier names; the message names the record, its data id and the key.
+    ValueError
+        No records, as many data ids as records, or two records of one (exposure, detector).
     """
     level = check_level(level)
     if len(records) != len(dims):
@@ -71,33 +74,39 @@ def records_to_matrices(
 
     if not records:
         raise ValueError("no records to normalise")
-    # The output lists every amplifier of every detector, so names are needed at both levels.
-    if camera is not None:
-        amp_names = [str(a) for a in camera.amp_names]
-    else:
-        amp_names = _amp_names_of(records[0], f"record 0 (exposure {ids[0][0]}, detector {ids[0][1]})")
-    n_amp = len(amp_names)
-    n_rows = len(detectors) * (n_amp if level == "AMP" else 1)
-    values = np.full((n_rows, len(exposures)), np.nan)
-    counts = np.zeros((n_rows, len(exposures)))
+    rows = []
     seen: dict[tuple[int, int], int] = {}
     for i, (record, (exp, det)) in enumerate(zip(records, ids)):
         where = f"record {i} (exposure {exp}, detector {det})"
         if (exp, det) in seen:
             raise ValueError(f"{where}: duplicate of record {seen[exp, det]}")
         seen[exp, det] = i
+        rows.append(extract_stats(record, where))
+    # The output lists every amplifier of every detector, so names are needed at both levels.
+    if camera is not None:
+        amp_names = [str(a) for a in camera.amp_names]
+    elif rows[0].amp_names:
+        amp_names = list(rows[0].amp_names)
+    else:
+        raise StatsFormatError(f"record 0 (exposure {ids[0][0]}, detector {ids[0][1]})",
+                               "missing: no amplifier names, and no camera to give them", key=amp_name_key(0))
+    n_amp = len(amp_names)
+    n_rows = len(detectors) * (n_amp if level == "AMP" else 1)
+    values = np.full((n_rows, len(exposures)), np.nan)
+    counts = np.zeros((n_rows, len(exposures)))
+    value, count = STAT_INDEX[VALUE_STAT], STAT_INDEX[COUNT_STAT]
+    for i, (row, (exp, det)) in enumerate(zip(rows, ids)):
         col = exp_index[exp]
         if level == "DETECTOR":
-            cells = [(det_index[det], "DETECTOR_MEDIAN", "DETECTOR_N")]
+            cells, stats = det_index[det], row.det
         else:
-            names = _amp_names_of(record, where)
-            if names != amp_names:
-                raise KeyError(f"{where}: amplifier names {names} differ from {amp_names}")
-            base = det_index[det] * n_amp
-            cells = [(base + a, f"AMP_MEDIAN_{a}", f"AMP_N_{a}") for a in range(n_amp)]
-        for row, value_key, count_key in cells:
-            values[row, col] = _get(record, value_key, where)
-            counts[row, col] = _get(record, count_key, where)
+            if list(row.amp_names) != amp_names:
+                raise StatsFormatError(f"record {i} (exposure {exp}, detector {det})",
+                                       f"amplifier names {list(row.amp_names)} differ from {amp_names}",
+                                       key=amp_name_key("i"))
+            cells, stats = slice(det_index[det] * n_amp, (det_index[det] + 1) * n_amp), row.amp
+        values[cells, col] = stats[value]
+        counts[cells, col] = stats[count]
     return values, counts, exposures, detectors, amp_names
 
 
@@ -175,8 +184,10 @@ def normalize(
     Raises
     ------
     KeyError
-        A data id lacks ``exposure`` or ``detector``, or a record lacks a statistic; the message names the
-        missing key and the record.
+        A data id lacks ``exposure`` or ``detector``.
+    StatsFormatError
+        A record the file reader would refuse too, see :func:`records_to_matrices`; the message names the
+        record, its data id and the key.
     """
     level = check_level(level)
     values, counts, exposures, detectors, amp_names = records_to_matrices(records, dims, level, camera)

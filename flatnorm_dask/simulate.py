@@ -2,8 +2,8 @@
 
 ``simulate_campaign`` builds the statistics that cp_pipe's flat measurement step would produce for a
 campaign of flats (one record per exposure and detector), with the truth they were drawn from.
-``format_propertylist`` and ``write_campaign`` put them on disk in the LSST PropertyList YAML layout,
-fast enough for hundreds of thousands of files.
+``write_campaign`` puts them on disk in the LSST PropertyList YAML layout (written by
+:mod:`flatnorm_dask.propertylist`), fast enough for hundreds of thousands of files.
 
 The model, per filter, amplifier (d, a) and exposure e::
 
@@ -18,24 +18,29 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 import zlib
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
-import yaml
 
+from . import propertylist as pl
 from .camera import Camera, load_camera
+from .schema import (
+    AMP_VARIABLES,
+    DET_VARIABLES,
+    EXPOSURE_MULTIPLIER,
+    exposure_id,
+    format_obs_id,
+    split_exposure,
+    written_keys,
+)
 
 __all__ = [
     "BUTLER_PATTERN",
     "LSSTCAM_FILTERS",
-    "PROPERTYLIST_TAG",
     "SIMPLE_PATTERN",
-    "format_propertylist",
     "simulate_campaign",
     "write_campaign",
 ]
@@ -44,7 +49,6 @@ LSSTCAM_FILTERS = ("u_24", "g_6", "r_57", "i_39", "z_20", "y_10")
 BUTLER_PATTERN = ("{run}/flatStats/{day_obs}/{obs_id}/"
                   "flatStats_LSSTCam_{physical_filter}_{obs_id}_{detector_name}_{run_name}.yaml")
 SIMPLE_PATTERN = "{physical_filter}/{exposure}/flatStats_{detector}.yaml"
-PROPERTYLIST_TAG = "lsst.daf.base.PropertyList"
 
 # Mean flat level in ADU by band: the flat-field projector gives less light in u and y.
 _LAMP_ADU = {"u": 12_000.0, "g": 30_000.0, "r": 38_000.0, "i": 34_000.0, "z": 24_000.0, "y": 15_000.0}
@@ -53,7 +57,6 @@ _ITL_RELATIVE = {"u": 0.92, "g": 0.97, "r": 1.00, "i": 1.02, "z": 1.04, "y": 1.0
 # Pixels per amplifier that a flat statistic can use (trimmed data section).
 _AMP_PIXELS = {"E2V": 512 * 2002, "ITL": 509 * 2000}
 _DEFAULT_PIXELS = 1_000_000
-_EXPOSURE_MULTIPLIER = 100_000  # LSST exposure id = day_obs * 100000 + seq_num
 _DRIFT_RHO, _DRIFT_STEP = 0.9, 0.01  # AR(1) lamp drift in log: stationary scatter ~2.3 %
 _PRNU = 0.005  # pixel response non-uniformity entering the clipped sigma
 
@@ -216,8 +219,8 @@ def simulate_campaign(
             coords={
                 "detector": cam.detector.copy(),
                 "amp": np.array(cam.amp_names, dtype=str),
-                "exposure": int(day_obs) * _EXPOSURE_MULTIPLIER + seq,
-                "obs_id": ("exposure", np.array([f"MC_C_{day_obs}_{s:06d}" for s in seq])),
+                "exposure": exposure_id(day_obs, seq),
+                "obs_id": ("exposure", np.array([format_obs_id(day_obs, s) for s in seq])),
                 "seq_num": ("exposure", seq),
                 "detector_name": ("detector", np.asarray(cam.detector_name, dtype=str)),
                 "detector_type": ("detector", np.asarray(cam.detector_type, dtype=str)),
@@ -242,7 +245,7 @@ def _check_inputs(filters: Sequence[str], n_exposures: int, seed: int, noise: fl
         raise ValueError(f"filters repeat a name: {filters}")
     if int(n_exposures) != n_exposures or n_exposures < 1:
         raise ValueError(f"n_exposures must be a positive integer, got {n_exposures!r}")
-    if n_exposures * len(filters) >= _EXPOSURE_MULTIPLIER:
+    if n_exposures * len(filters) >= EXPOSURE_MULTIPLIER:
         raise ValueError(f"{n_exposures} exposures x {len(filters)} filters do not fit the 5-digit "
                          "sequence numbers of one day_obs")
     if int(seed) != seed or seed < 0:
@@ -272,146 +275,6 @@ def _detector_statistics(value: np.ndarray, sigma: np.ndarray,
     mean[empty] = np.nan
     pooled[empty] = 0.0
     return mean, pooled, np.where(finite, count, 0).sum(axis=1).astype(np.int64)
-
-
-# --- PropertyList YAML ------------------------------------------------------------------------------
-
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# Words PyYAML would read back as bool or null, so it quotes them.
-_RESERVED = frozenset("yes Yes YES no No NO true True TRUE false False FALSE on On ON off Off OFF "
-                      "null Null NULL".split())
-_FLOAT_SPECIAL = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}
-_INT32 = (-(2**31), 2**31 - 1)
-_FLOW_WIDTH = 80  # PyYAML's default best_width: flow lines up to this length are never wrapped
-_STYLES = ("block", "flow")
-
-
-def _float_text(x: float) -> str:
-    """A float as PyYAML writes it: repr (exact round trip), ``.nan``/``.inf``, ``1.0e+17`` not ``1e+17``."""
-    text = repr(x)
-    special = _FLOAT_SPECIAL.get(text)
-    if special is not None:
-        return special
-    if "e" in text and "." not in text:
-        text = text.replace("e", ".0e", 1)
-    return text
-
-
-def _int_type(v: int) -> str:
-    """PropertyList element type daf_base picks for a Python int: Int if 32-bit, else the 64-bit types."""
-    if _INT32[0] <= v <= _INT32[1]:
-        return "Int"
-    if -(2**63) <= v < 2**63:
-        return "LongLong"
-    if 0 <= v < 2**64:
-        return "UnsignedLongLong"
-    raise ValueError(f"integer {v} does not fit a PropertyList element (64 bits)")
-
-
-def _native(value: object) -> tuple[str, object]:
-    """(element type, Python value) of one record value."""
-    if isinstance(value, (bool, np.bool_)):
-        return "Bool", bool(value)
-    if isinstance(value, (int, np.integer)):
-        return _int_type(int(value)), int(value)
-    if isinstance(value, (float, np.floating)):
-        return "Double", float(value)
-    if isinstance(value, str):
-        return "String", str(value)
-    if value is None:
-        return "Undef", None
-    if isinstance(value, (list, tuple, np.ndarray)) and len(value):
-        natives = [_native(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-        types = {t for t, _ in natives}
-        ints = {"Int", "LongLong", "UnsignedLongLong"}
-        if len(types) > 1 and not types <= ints:
-            raise TypeError(f"mixed value types in a list: {sorted(types)}")
-        if types <= ints:  # one type for all, as daf_base chooses it from the range of the values
-            typ = ("Int" if types == {"Int"} else
-                   "UnsignedLongLong" if "UnsignedLongLong" in types else "LongLong")
-        else:
-            typ = natives[0][0]
-        return typ, [v for _, v in natives]
-    raise TypeError(f"cannot store {type(value).__name__} {value!r} in a PropertyList")
-
-
-def _text(typ: str, value: object) -> str | None:
-    """The plain YAML text of a scalar, or None when PyYAML would need quoting or structure."""
-    if typ == "Double":
-        return _float_text(value)  # type: ignore[arg-type]
-    if typ == "String":
-        return value if _PLAIN.match(value) and value not in _RESERVED else None  # type: ignore[arg-type]
-    if typ == "Bool":
-        return "true" if value else "false"
-    if typ == "Undef":
-        return "null"
-    if isinstance(value, list):
-        return None
-    return str(value)
-
-
-@lru_cache(maxsize=256)
-def _template(names: tuple[str, ...], types: tuple[str, ...], style: str) -> str:
-    """The file with a ``%s`` slot per value; names are plain identifiers, so no '%' to escape."""
-    item = "- - {}\n  - {}\n  - %s\n  - ''\n" if style == "block" else "- [{}, {}, %s, '']\n"
-    return f"!<{PROPERTYLIST_TAG}>\n" + "".join(item.format(n, t) for n, t in zip(names, types))
-
-
-class _PropertyListDumper(yaml.SafeDumper):
-    """PyYAML dumper with the PropertyList representer, for records the fast path does not handle."""
-
-
-class _Items(list):
-    pass
-
-
-_PropertyListDumper.add_representer(
-    _Items, lambda dumper, data: dumper.represent_sequence(PROPERTYLIST_TAG, list(data)))
-
-
-def format_propertylist(record: Mapping[str, object], style: str = "block") -> str:
-    """A record as the LSST butler writes a PropertyList, in YAML.
-
-    Parameters
-    ----------
-    record : mapping
-        Names to values, written in the mapping's order (for flat statistics: ``DETECTOR_MEDIAN``,
-        ``DETECTOR_SIGMA``, ``DETECTOR_N``, then ``AMP_NAME_i``, ``AMP_MEDIAN_i``, ``AMP_SIGMA_i``,
-        ``AMP_N_i`` for each amplifier). Floats become ``Double`` (written with ``repr``, so they read
-        back exactly; NaN and infinities as ``.nan``, ``.inf``, ``-.inf``), ints ``Int`` (``LongLong``
-        beyond 32 bits), str ``String``, bool ``Bool``, None ``Undef``; a list is a repeated key.
-    style : {"block", "flow"}
-        Inner lists in block style (current PyYAML default) or flow style (``default_flow_style=None``).
-
-    Returns
-    -------
-    str
-        Exactly the text PyYAML emits for the sequence of ``[name, type, value, '']`` items tagged
-        ``!<lsst.daf.base.PropertyList>``. Built by string formatting; records with strings that need
-        quoting, lists or over-long flow lines are handed to PyYAML itself.
-    """
-    if style not in _STYLES:
-        raise ValueError(f"style must be 'block' or 'flow', got {style!r}")
-    names, types, values, texts = [], [], [], []
-    fast = bool(record)
-    for name, value in record.items():
-        if not isinstance(name, str):
-            raise TypeError(f"PropertyList names are strings, got {name!r}")
-        typ, native = _native(value)
-        names.append(name)
-        types.append(typ)
-        values.append(native)
-        if fast:
-            text = _text(typ, native)
-            if (text is None or not _PLAIN.match(name) or name in _RESERVED
-                    or (style == "flow" and len(name) + len(typ) + len(text) + 11 > _FLOW_WIDTH)):
-                fast = False
-            texts.append(text)
-    if fast:
-        return _template(tuple(names), tuple(types), style) % tuple(texts)
-    items = _Items([n, t, v, ""] for n, t, v in zip(names, types, values))
-    flow = False if style == "block" else None  # None: lists of scalars in flow style, as in the samples
-    return yaml.dump(items, Dumper=_PropertyListDumper, default_flow_style=flow, sort_keys=False)
 
 
 # --- Files on disk ----------------------------------------------------------------------------------
@@ -458,7 +321,7 @@ def write_campaign(
     """
     if layout not in ("butler", "simple"):
         raise ValueError(f"layout must be 'butler' or 'simple', got {layout!r}")
-    if style not in _STYLES:
+    if style not in pl.STYLES:
         raise ValueError(f"style must be 'block' or 'flow', got {style!r}")
     run_parts = _check_run(run)
     outdir = Path(outdir)
@@ -476,25 +339,30 @@ def write_campaign(
     return manifest
 
 
+def _array_type(values: np.ndarray) -> str | None:
+    """The PropertyList element type of every value of an array, or None when they differ."""
+    if values.dtype.kind == "f":
+        return "Double"
+    if values.dtype.kind in "iu" and values.size:
+        types = {pl.element_type(int(v))[0] for v in (values.min(), values.max())}
+        return types.pop() if len(types) == 1 else None
+    return None
+
+
 def _write_filter(ds: xr.Dataset, outdir: Path, physical_filter: str, layout: str, style: str, run: str,
                   run_parts: list[str]) -> list[tuple[str, int, int, str]]:
-    missing = [v for v in ("amp_value", "amp_sigma", "amp_count", "det_value", "det_sigma", "det_count")
-               if v not in ds]
+    missing = [v for v in (*DET_VARIABLES.values(), *AMP_VARIABLES.values()) if v not in ds]
     if missing:
         raise ValueError(f"filter {physical_filter!r}: dataset lacks {', '.join(missing)}")
-    amp_v = ds["amp_value"].transpose("exposure", "detector", "amp").values
-    amp_s = ds["amp_sigma"].transpose("exposure", "detector", "amp").values
-    amp_n = ds["amp_count"].transpose("exposure", "detector", "amp").values
-    det_v = ds["det_value"].transpose("exposure", "detector").values
-    det_s = ds["det_sigma"].transpose("exposure", "detector").values
-    det_n = ds["det_count"].transpose("exposure", "detector").values
+    det = {stat: ds[var].transpose("exposure", "detector").values for stat, var in DET_VARIABLES.items()}
+    amp = {stat: ds[var].transpose("exposure", "amp", "detector").values for stat, var in AMP_VARIABLES.items()}
     amps = [str(a) for a in ds["amp"].values]
     detectors = [int(d) for d in ds["detector"].values]
     exposures = [int(e) for e in ds["exposure"].values]
     if "obs_id" in ds.coords:
         obs_ids = [str(o) for o in ds["obs_id"].values]
     else:
-        obs_ids = [f"MC_C_{e // _EXPOSURE_MULTIPLIER}_{e % _EXPOSURE_MULTIPLIER:06d}" for e in exposures]
+        obs_ids = [format_obs_id(*split_exposure(e)) for e in exposures]
     if layout == "butler":
         if "detector_name" not in ds.coords:
             raise ValueError(f"filter {physical_filter!r}: the butler layout needs a 'detector_name' "
@@ -502,47 +370,43 @@ def _write_filter(ds: xr.Dataset, outdir: Path, physical_filter: str, layout: st
         det_names = [str(n) for n in ds["detector_name"].values]
         run_name = run.replace("/", "_")
 
-    # One template per filter when every count is a 32-bit Int (always, for real cameras); otherwise
-    # each record goes through format_propertylist, which picks the wider type.
-    names = ["DETECTOR_MEDIAN", "DETECTOR_SIGMA", "DETECTOR_N"]
-    types = ["Double", "Double", "Int"]
-    for i in range(len(amps)):
-        names += [f"AMP_NAME_{i}", f"AMP_MEDIAN_{i}", f"AMP_SIGMA_{i}", f"AMP_N_{i}"]
-        types += ["String", "Double", "Double", "Int"]
-    counts_fit = all(int(a.min(initial=0)) >= _INT32[0] and int(a.max(initial=0)) <= _INT32[1]
-                     for a in (amp_n, det_n))
-    amps_plain = all(_text("String", a) is not None for a in amps)
-    template = _template(tuple(names), tuple(types), style) if counts_fit and amps_plain else None
-    if template is not None and style == "flow":
-        template = None if max(len(n) for n in names) + 6 + 24 + 11 > _FLOW_WIDTH else template
+    # One template per filter when the values have the element types cp_pipe writes (always, for real
+    # cameras: counts are 32-bit Ints); otherwise each record goes through format_propertylist, which picks
+    # the types from the values.
+    keys = written_keys(len(amps))
+    names = tuple(key for key, _, _, _ in keys)
+    types = tuple(typ for _, _, _, typ in keys)
+    wanted = {(stat, i is None, typ) for _, stat, i, typ in keys if stat is not None}
+    as_written = (all(_array_type((det if per_detector else amp)[stat]) == typ
+                      for stat, per_detector, typ in wanted)
+                  and all(pl.plain_text("String", a) is not None for a in amps))
+    template = (pl.record_template(names, types, style, longest={"String": max(map(len, amps), default=0)})
+                if as_written else None)
+    text_of = {"Double": pl.float_text, "Int": str}
 
-    ftext = _float_text
     rows = []
     made: set[Path] = set()
     for e, exposure in enumerate(exposures):
         if layout == "butler":
-            rel_dir = "/".join([*run_parts, "flatStats", str(exposure // _EXPOSURE_MULTIPLIER), obs_ids[e]])
+            rel_dir = "/".join([*run_parts, "flatStats", str(split_exposure(exposure)[0]), obs_ids[e]])
         else:
             rel_dir = f"{physical_filter}/{exposure}"
         directory = outdir / rel_dir
         if directory not in made:
             directory.mkdir(parents=True, exist_ok=True)
             made.add(directory)
-        av, as_, an = amp_v[e].tolist(), amp_s[e].tolist(), amp_n[e].tolist()
-        dv, ds_, dn = det_v[e].tolist(), det_s[e].tolist(), det_n[e].tolist()
-        for d, detector in enumerate(detectors):
-            if template is not None:
-                parts = [ftext(dv[d]), ftext(ds_[d]), str(dn[d])]
-                for a, amp in enumerate(amps):
-                    parts += (amp, ftext(av[d][a]), ftext(as_[d][a]), str(an[d][a]))
-                text = template % tuple(parts)
-            else:
-                record: dict[str, object] = {"DETECTOR_MEDIAN": dv[d], "DETECTOR_SIGMA": ds_[d],
-                                             "DETECTOR_N": dn[d]}
-                for a, amp in enumerate(amps):
-                    record |= {f"AMP_NAME_{a}": amp, f"AMP_MEDIAN_{a}": av[d][a], f"AMP_SIGMA_{a}": as_[d][a],
-                               f"AMP_N_{a}": an[d][a]}
-                text = format_propertylist(record, style)
+        # One column of values (or texts) per key, each over the detectors.
+        det_e = {stat: values[e].tolist() for stat, values in det.items()}
+        amp_e = {stat: values[e].tolist() for stat, values in amp.items()}
+        columns = [[amps[i]] * len(detectors) if stat is None else det_e[stat] if i is None else amp_e[stat][i]
+                   for _, stat, i, _ in keys]
+        if template is not None:
+            texts = [column if typ == "String" else list(map(text_of[typ], column))
+                     for column, typ in zip(columns, types)]
+            documents = (template % parts for parts in zip(*texts))
+        else:
+            documents = (pl.format_propertylist(dict(zip(names, values)), style) for values in zip(*columns))
+        for d, (detector, text) in enumerate(zip(detectors, documents)):
             if layout == "butler":
                 name = (f"flatStats_LSSTCam_{physical_filter}_{obs_ids[e]}_{det_names[d]}_{run_name}.yaml")
             else:

@@ -23,7 +23,7 @@ import xarray as xr
 
 from . import __version__
 from .config import Config
-from .ingest import discover, problems, read_stats, solver_inputs
+from .ingest import discover, problems, read_campaign, solver_inputs
 from .solver import ScaleResult, measure_scales
 from .store import append_variables, commit_store, prepare_store, write_groups, write_scales_yaml
 
@@ -282,7 +282,7 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
     worker memory is then bounded by the chunk size, not by the campaign's.
     """
     inp, solve = cfg.input, cfg.solve
-    tree = read_stats(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
+    tree = read_campaign(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
     nodes = {name: tree[name].to_dataset() for name in tree.children}
     extra = {"camera": str(inp.camera)} if inp.camera else {}
     inputs = {name: level_inputs(ds, solve.level).assign_attrs(physical_filter=name, **extra)

@@ -332,14 +332,14 @@ def test_butler_errors_are_one_line(daf_butler, repo, tmp_path, capsys):
 def test_file_uris_are_read_as_the_files_they_name(daf_butler, campaign, tmp_path):
     from lsst.resources import ResourcePath
 
-    from flatnorm_dask.formats import read_stats
+    from flatnorm_dask.formats import read_stats_file
 
     folder = tmp_path / "a b%c"  # characters a file URI must quote
     write_campaign(campaign, folder, layout="simple")
     path = folder / "g_6" / str(int(campaign["g_6"]["exposure"][0])) / "flatStats_0.yaml"
     uri = str(ResourcePath(str(path)))
     assert uri.startswith("file:///") and "%20" in uri
-    by_uri, by_path = read_stats(uri), read_stats(path)
+    by_uri, by_path = read_stats_file(uri), read_stats_file(path)
     np.testing.assert_array_equal(by_uri.amp, by_path.amp)
     assert by_uri.amp_names == by_path.amp_names
 

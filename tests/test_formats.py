@@ -4,7 +4,6 @@ import json
 import math
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,35 +12,25 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from flatnorm_dask import formats
+from flatnorm_dask import propertylist as pl
 from flatnorm_dask.formats import (
     StatsFormatError,
-    extract_stats,
+    StatsReader,
     parse_record,
     parse_record_slow,
     read_record,
-    read_stats,
+    read_stats_file,
 )
-from flatnorm_dask.simulate import format_propertylist
+from flatnorm_dask.propertylist import LayoutCache, format_propertylist
+from flatnorm_dask.schema import extract_stats
+from helpers import DATA, TAG, Items, PropertyListDumper, PropertyListLoader
 
-SAMPLES = Path("/work/shared/reference/samples")
-SAMPLE_FILES = sorted(SAMPLES.glob("flatStats_*.yaml"))
-from helpers import TAG, Items, PropertyListDumper, PropertyListLoader  # noqa: E402
+SAMPLE_FILES = sorted(DATA.glob("flatStats_*.yaml"))
 HEADER = f"!<{TAG}>\n"
 NAN, INF = math.nan, math.inf
 
 
-@pytest.fixture(autouse=True)
-def fresh_layouts():
-    """Each test starts without learnt layouts (they are per-process state)."""
-    formats._LAYOUTS.clear()
-    formats._SEEN.clear()
-    yield
-    formats._LAYOUTS.clear()
-    formats._SEEN.clear()
-
-
 # --- Independent reference: plain PyYAML with our own tag constructor, and our own extraction -------------
-
 
 
 def dump(items, style="block", explicit_start=False, width=None, allow_unicode=False):
@@ -97,12 +86,13 @@ def outcome(fn, *args, **kwargs):
 
 
 def assert_paths_agree(text):
-    """parse_record, the C and the pure loader give the same values (or all fail); returns the record.
+    """A reader, the C and the pure loader give the same values (or all fail); returns the record.
 
-    parse_record runs three times: item by item, item by item again (which learns a layout from the
-    document), then through the layout when one was learnt.
+    One reader parses the text three times: item by item, item by item again (which learns a layout from
+    the document), then through the layout when one was learnt.
     """
-    results = [outcome(parse_record, text), outcome(parse_record, text), outcome(parse_record, text),
+    reader = StatsReader()
+    results = [outcome(reader.parse, text), outcome(reader.parse, text), outcome(reader.parse, text),
                outcome(parse_record_slow, text, loader="c"), outcome(parse_record_slow, text, loader="pure")]
     kinds = [r[0] for r in results]
     assert kinds in (["ok"] * 5, ["error"] * 5), (kinds, results, text)
@@ -114,8 +104,8 @@ def assert_paths_agree(text):
 
 def takes_fast_path(text):
     try:
-        formats._parse_fast(text)
-    except formats._Fallback:
+        pl.parse_items(text)
+    except pl.Fallback:
         return False
     return True
 
@@ -149,7 +139,7 @@ def replaced(items, name, value, typ=None):
 @pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.stem)
 def test_samples_fast_path_equals_both_loaders(path):
     text = path.read_text()
-    fast = formats._parse_fast(text)  # the samples are PyYAML's own layout: no fallback
+    fast = pl.parse_items(text)  # the samples are PyYAML's own layout: no fallback
     assert same(fast, parse_record_slow(text, loader="c"))
     assert same(fast, parse_record_slow(text, loader="pure"))
     assert same(fast, independent_record(text))
@@ -158,10 +148,10 @@ def test_samples_fast_path_equals_both_loaders(path):
 
 
 @pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.stem)
-def test_samples_read_stats(path):
+def test_samples_read_stats_file(path):
     assert len(SAMPLE_FILES) == 2
     record = independent_record(path.read_text())
-    row = read_stats(path)
+    row = read_stats_file(path)
     assert_row(row, *expected_row(record))
     assert row.det.shape == (3,) and row.amp.shape == (3, 16)
     assert row.amp_names[:8] == tuple(f"C1{i}" for i in range(8))
@@ -172,8 +162,8 @@ def test_samples_read_stats(path):
     assert np.isfinite(others).all() and (others[1] > 0).all()
     assert row.det[1] == record["DETECTOR_N"] and isinstance(record["DETECTOR_N"], int)
     # The same through str paths, file: URIs and read_record.
-    assert_row(read_stats(str(path)), row.det, row.amp_names, row.amp)
-    assert_row(read_stats(path.as_uri()), row.det, row.amp_names, row.amp)
+    assert_row(read_stats_file(str(path)), row.det, row.amp_names, row.amp)
+    assert_row(read_stats_file(path.as_uri()), row.det, row.amp_names, row.amp)
     assert same(read_record(path), record)
 
 
@@ -259,14 +249,14 @@ plain_numbers = st.one_of(st.sampled_from(SPECIAL_FLOATS), st.floats(allow_nan=F
                 min_size=1, max_size=20, unique_by=lambda t: t[0]),
        st.sampled_from(["block", "flow"]), st.booleans())
 def test_fast_path_is_taken_on_pyyaml_layout(pairs, style, explicit_start):
-    assume(all(name not in formats._WORDS for name, _ in pairs))  # PyYAML would quote 'ON' as a name
+    assume(all(name not in pl.YAML11_WORDS for name, _ in pairs))  # PyYAML would quote 'ON' as a name
     expected = dict(pairs)
     items = [[n, type(v).__name__, v, ""] for n, v in pairs]
     texts = [dump(items, style, explicit_start)]
     if not explicit_start:
         texts.append(format_propertylist(expected, style))
     for text in texts:
-        fast = formats._parse_fast(text)  # must not raise _Fallback
+        fast = pl.parse_items(text)  # must not raise Fallback
         assert same(fast, expected)
         assert same(fast, parse_record_slow(text, loader="c"))
         assert same(fast, parse_record_slow(text, loader="pure"))
@@ -346,10 +336,10 @@ def test_yaml_11_scalars(token, value, style, tmp_path):
                 {k: v for k, v in independent_record(base).items() if k != "DETECTOR_MEDIAN"})
     path = write(tmp_path, text)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        assert read_stats(path).det[0] == value or (math.isnan(value) and math.isnan(read_stats(path).det[0]))
+        assert read_stats_file(path).det[0] == value or (math.isnan(value) and math.isnan(read_stats_file(path).det[0]))
     else:
         with pytest.raises(StatsFormatError) as info:
-            read_stats(path)
+            read_stats_file(path)
         assert info.value.key == "DETECTOR_MEDIAN" and info.value.reason.startswith("not a number")
         assert str(path) in str(info.value)
 
@@ -426,7 +416,7 @@ def test_hand_edited_documents_read_the_same(name, tmp_path):
     if name == "anchor and alias":
         assert record.pop("EXTRA") == 212.5
     assert same(record, reference)
-    assert_row(read_stats(write(tmp_path, text)), *expected_row(reference))
+    assert_row(read_stats_file(write(tmp_path, text)), *expected_row(reference))
 
 
 @pytest.mark.parametrize("name", ["comment lines block", "CRLF block", "CRLF flow", "trailing ... flow",
@@ -446,14 +436,14 @@ def test_tabs_in_flow_style(tmp_path):
     flow = dump(sample_items(2), "flow")
     for text in (flow.replace(", ", ",\t"), flow.replace("[", "[\t"), flow.replace("]\n", "]\t\n")):
         # libyaml accepts tabs as separators here, PyYAML's pure loader does not: the fast parser stays
-        # out of it, and read_stats reads what the C loader reads.
+        # out of it, and read_stats_file reads what the C loader reads.
         assert not takes_fast_path(text)
         record = parse_record(text)
         assert same(record, parse_record_slow(text, loader="c"))
         assert same(record, independent_record(flow))
         pure = outcome(parse_record_slow, text, loader="pure")
         assert pure[0] == "error" or same(pure[1], record)
-        assert_row(read_stats(write(tmp_path, text)), *expected_row(record))
+        assert_row(read_stats_file(write(tmp_path, text)), *expected_row(record))
 
 
 # Documents on which the fast parser once disagreed with PyYAML: each must fall back, and all paths agree.
@@ -503,7 +493,7 @@ def test_integer_beyond_float_range_is_a_format_error(tmp_path):
     path = write(tmp_path, dump(items, "flow"))
     assert read_record(path)["DETECTOR_N"] == 10**400
     with pytest.raises(StatsFormatError) as info:
-        read_stats(path)
+        read_stats_file(path)
     assert info.value.key == "DETECTOR_N" and "out of range" in info.value.reason
 
 
@@ -538,7 +528,7 @@ def test_plain_yaml_mapping(flow, tmp_path):
     assert same(assert_paths_agree(text), record)
     path = write(tmp_path, text)
     assert same(read_record(path), record)
-    assert_row(read_stats(path), *expected_row(record))
+    assert_row(read_stats_file(path), *expected_row(record))
 
 
 def test_json_object_with_nan(tmp_path):
@@ -547,7 +537,7 @@ def test_json_object_with_nan(tmp_path):
     assert "NaN" in text and "Infinity" in text
     path = write(tmp_path, text, "stats.json")
     assert same(read_record(path), record)
-    row = read_stats(path)
+    row = read_stats_file(path)
     assert_row(row, *expected_row(record))
     assert math.isnan(row.amp[0, 2]) and row.amp[1, 2] == 0 and row.amp[2, 1] == INF
 
@@ -589,13 +579,13 @@ def test_field_errors_name_file_and_key(name, style, tmp_path):
     record = read_record(path)  # the document itself is fine
     assert same(record, independent_record(path.read_text()))
     with pytest.raises(StatsFormatError) as info:
-        read_stats(path)
+        read_stats_file(path)
     err = info.value
     assert err.path == str(path) and err.key == key and reason in err.reason, err.reason
     assert str(path) in str(err) and key in str(err)
     assert isinstance(err, ValueError)
     # The good file reads fine: the error is this field's.
-    read_stats(write(tmp_path, dump(BASE, style), "good.yaml"))
+    read_stats_file(write(tmp_path, dump(BASE, style), "good.yaml"))
 
 
 def _truncated():
@@ -631,7 +621,7 @@ def test_file_errors(name, tmp_path):
     data, reason = FILE_ERRORS[name]
     path = write(tmp_path, data)
     with pytest.raises(StatsFormatError) as info:
-        read_stats(path)
+        read_stats_file(path)
     err = info.value
     assert err.path == str(path) and err.key is None
     assert reason in err.reason, err.reason
@@ -658,14 +648,14 @@ def test_truncated_anywhere_is_a_format_error_or_a_subset(tmp_path):
 def test_nonexistent_file(tmp_path):
     path = tmp_path / "missing" / "stats.yaml"
     with pytest.raises(StatsFormatError) as info:
-        read_stats(path)
+        read_stats_file(path)
     assert info.value.path == str(path) and info.value.reason.startswith("cannot read")
     assert str(path) in str(info.value)
 
 
 def test_directory_is_not_a_file(tmp_path):
     with pytest.raises(StatsFormatError, match="cannot read"):
-        read_stats(tmp_path)
+        read_stats_file(tmp_path)
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
@@ -678,13 +668,13 @@ def test_unreadable_file(tmp_path, monkeypatch):
         monkeypatch.setattr(formats, "open", denied, raising=False)
     try:
         with pytest.raises(StatsFormatError) as info:
-            read_stats(path)
+            read_stats_file(path)
     finally:
         path.chmod(0o644)
         monkeypatch.undo()
     assert info.value.path == str(path) and info.value.reason.startswith("cannot read")
     assert "ermission" in info.value.reason
-    read_stats(path)  # and once readable again it is fine
+    read_stats_file(path)  # and once readable again it is fine
 
 
 @pytest.mark.parametrize("key", [None, "AMP_N_3"])
@@ -694,10 +684,10 @@ def test_error_pickles(key, tmp_path):
     assert type(back) is StatsFormatError
     assert (back.path, back.key, back.reason, str(back), back.args) == (err.path, err.key, err.reason, str(err),
                                                                           err.args)
-    # And one raised by read_stats.
+    # And one raised by read_stats_file.
     path = write(tmp_path, dump(without(sample_items(4), "AMP_N_3")))
     with pytest.raises(StatsFormatError) as info:
-        read_stats(path)
+        read_stats_file(path)
     back = pickle.loads(pickle.dumps(info.value))
     assert (back.path, back.key, back.reason, str(back)) == (str(path), "AMP_N_3", "missing", str(info.value))
 
@@ -713,10 +703,10 @@ def test_text_errors_without_a_path():
 @pytest.mark.parametrize("style", ["block", "flow"])
 def test_sigma_keys_are_optional(style, tmp_path):
     items = sample_items(4)
-    full = read_stats(write(tmp_path, dump(items, style), "full.yaml"))
+    full = read_stats_file(write(tmp_path, dump(items, style), "full.yaml"))
     items = [i for i in items if "SIGMA" not in i[0]]
     items = [i for i in items if i[0] != "AMP_SIGMA_2"]
-    row = read_stats(write(tmp_path, dump(items, style), "nosigma.yaml"))
+    row = read_stats_file(write(tmp_path, dump(items, style), "nosigma.yaml"))
     assert np.isnan(row.det[2]) and np.isnan(row.amp[2]).all()
     np.testing.assert_array_equal(row.det[:2], full.det[:2])
     np.testing.assert_array_equal(row.amp[:2], full.amp[:2])
@@ -724,7 +714,7 @@ def test_sigma_keys_are_optional(style, tmp_path):
     assert np.isfinite(full.amp[2]).all() and full.det[2] == 212.5
     # Only some amplifiers with a sigma.
     some = without(sample_items(4), "AMP_SIGMA_1")
-    row = read_stats(write(tmp_path, dump(some, style), "some.yaml"))
+    row = read_stats_file(write(tmp_path, dump(some, style), "some.yaml"))
     assert math.isnan(row.amp[2, 1]) and row.amp[2, 0] == 200.0 and row.amp[2, 3] == 203.0
 
 
@@ -750,6 +740,12 @@ def _reference_row(text):
     return outcome(lambda: extract_stats(parse_record_slow(text, loader="c"), "f.yaml"))
 
 
+def _value_spans(text):
+    """(start, end) of each item's value in a document the item parser reads (from its own regex)."""
+    item, start = pl._item_pattern(text)
+    return [m.span(3) for m in item.finditer(text, start)]
+
+
 @pytest.mark.parametrize("style", ["block", "flow"])
 def test_campaign_files_take_a_layout_and_read_exactly(style, tmp_path):
     from flatnorm_dask.simulate import simulate_campaign, write_campaign
@@ -757,26 +753,47 @@ def test_campaign_files_take_a_layout_and_read_exactly(style, tmp_path):
     tree = simulate_campaign("testcam", n_exposures=4, filters=("g_6",), seed=2, nan_amp_fraction=0.05)
     manifest = write_campaign(tree, tmp_path, layout="simple", style=style)
     paths = [tmp_path / line.split(",")[0] for line in manifest.read_text().splitlines()[1:]]
-    assert len(paths) == 36 and not formats._LAYOUTS
-    rows = [read_stats(p) for p in paths]
-    assert len(formats._LAYOUTS) == 1  # learnt from the second file
-    layout = formats._LAYOUTS[0]
-    assert layout.stats is not None and layout.n_amp == 8
+    reader = StatsReader()
+    assert len(paths) == 36 and not reader.layouts.layouts
+    rows = [reader.read(p) for p in paths]
+    assert len(reader.layouts) == 1  # learnt from the second file
+    layout = reader.layouts.layouts[0]
+    assert layout.plan is not None and layout.plan.n_amp == 8
     ds = tree["g_6"].to_dataset()
     for path, row in zip(paths, rows):
         text = path.read_text()
-        found = formats._match_layout(text)
+        found = reader.layouts.match(text)
         assert found is not None and found[0] is layout
         kind, reference = _reference_row(text)
         assert kind == "ok"
         _row_same(row, reference)
+        _row_same(read_stats_file(path), reference)  # a reader of its own: the item parser
         assert same(found[0].record(found[1]), parse_record_slow(text, loader="pure"))
-        assert same(parse_record(text), formats._parse_general(text))
+        assert same(reader.parse(text), pl.parse_items(text))
     # And the values are the simulated ones.
     exposure, detector = int(paths[-1].parent.name), int(paths[-1].stem.split("_")[1])
     cell = ds.sel(exposure=exposure, detector=detector)
     np.testing.assert_array_equal(rows[-1].amp[0], cell["amp_value"].values)
     np.testing.assert_array_equal(rows[-1].amp[1], cell["amp_count"].values)
+
+
+def test_readers_own_their_layouts(tmp_path):
+    text = dump(sample_items(3), "block")
+    paths = [write(tmp_path, text, f"{i}.yaml") for i in range(3)]
+    first, second = StatsReader(), StatsReader()
+    rows = [first.read(p) for p in paths]
+    assert len(first.layouts) == 1 and len(second.layouts) == 0  # nothing learnt is shared
+    for path, row in zip(paths, rows):
+        _row_same(second.read(path), row)
+        _row_same(read_stats_file(path), row)
+    assert len(second.layouts) == 1
+    # A cache that does not learn reads every file item by item, to the same rows.
+    no_layouts = StatsReader(LayoutCache(max_layouts=0))
+    for path, row in zip(paths, rows):
+        _row_same(no_layouts.read(path), row)
+    assert len(no_layouts.layouts) == 0
+    # And the reader's planner is set on a cache given without one.
+    assert no_layouts.layouts.planner is not None
 
 
 LAYOUT_TOKENS = ["1.5", "-1.5", "0.0", "-0.0", "1.0e+17", "5.0e-324", "1.0E+400", "-1.0e-400", ".nan", ".inf",
@@ -799,28 +816,25 @@ def _layout_base(style, quoted_name=False):
 @given(st.sampled_from(["block", "flow"]), st.booleans(),
        st.lists(st.tuples(st.integers(0, 9), st.sampled_from(LAYOUT_TOKENS)), min_size=1, max_size=4))
 def test_layout_agrees_with_the_item_parser_and_pyyaml(tmp_path_factory, style, quoted_name, edits):
-    formats._LAYOUTS.clear()
-    formats._SEEN.clear()
+    reader = StatsReader()
     base = _layout_base(style, quoted_name)
-    parse_record(base)
-    parse_record(base)
-    assert len(formats._LAYOUTS) == 1
-    layout = formats._LAYOUTS[0]
-    assert (layout.stats is None) == quoted_name  # a quoted amplifier name is fixed text, not a group
-    header = next(h for h in formats._HEADERS if base.startswith(h))
-    item = formats._BLOCK_ITEM if style == "block" else formats._FLOW_ITEM
-    spans = [m.span(3) for m in item.finditer(base, len(header))]
+    reader.parse(base)
+    reader.parse(base)
+    assert len(reader.layouts) == 1
+    layout = reader.layouts.layouts[0]
+    assert (layout.plan is None) == quoted_name  # a quoted amplifier name is fixed text, not a group
+    spans = _value_spans(base)
     text = base
     for index, token in sorted(dict(edits).items(), reverse=True):
         start, end = spans[index]
         text = text[:start] + token + text[end:]
-    general = outcome(formats._parse_general, text) if takes_fast_path(text) else None
+    general = outcome(pl.parse_items, text) if takes_fast_path(text) else None
     record = assert_paths_agree(text)
-    found = formats._match_layout(text)
+    found = reader.layouts.match(text)
     if found is not None:
         assert general is not None and same(found[0].record(found[1]), general[1])
         assert same(found[0].record(found[1]), record)
-    row = outcome(read_stats, write(tmp_path_factory.getbasetemp(), text, "layout.yaml"))
+    row = outcome(reader.read, write(tmp_path_factory.getbasetemp(), text, "layout.yaml"))
     reference = _reference_row(text)
     assert row[0] == reference[0]
     if row[0] == "ok":
@@ -832,60 +846,75 @@ def test_layout_agrees_with_the_item_parser_and_pyyaml(tmp_path_factory, style, 
 @pytest.mark.parametrize("style", ["block", "flow"])
 def test_layout_hands_errors_to_extract_stats(style, tmp_path):
     base = dump(sample_items(3), style)
+    reader = StatsReader()
     for _ in range(2):
-        read_stats(write(tmp_path, base))
-    assert formats._LAYOUTS and formats._LAYOUTS[0].stats is not None
+        reader.read(write(tmp_path, base))
+    assert reader.layouts.layouts and reader.layouts.layouts[0].plan is not None
     cases = {"992001": ("-5", "AMP_N_1", "negative pixel count"),
              "C12": ("true", "AMP_NAME_2", "not a string"),
              "15872011": ("-" + "9" * 299, "DETECTOR_N", "negative pixel count")}
     for old, (new, key, reason) in cases.items():
         text = base.replace(old, new, 1)
-        assert formats._match_layout(text) is not None  # the layout matches, extract_stats decides
+        assert reader.layouts.match(text) is not None  # the layout matches, extract_stats decides
         with pytest.raises(StatsFormatError) as info:
-            read_stats(write(tmp_path, text))
+            reader.read(write(tmp_path, text))
         assert info.value.key == key and reason in info.value.reason
     # A count that only looks negative.
-    row = read_stats(write(tmp_path, base.replace("992001", "0").replace("200.0", "-0.0")))
+    text = base.replace("992001", "0").replace("200.0", "-0.0")
+    assert reader.layouts.match(text) is not None
+    row = reader.read(write(tmp_path, text))
     assert row.amp[1, 1] == 0 and math.copysign(1, row.amp[2, 0]) == -1
     # "-0" is not a layout int: the item parser reads it, as 0.
     text = base.replace("15872011", "-0")
-    assert formats._match_layout(text) is None
-    row = read_stats(write(tmp_path, text))
+    assert reader.layouts.match(text) is None
+    row = reader.read(write(tmp_path, text))
     assert row.det[1] == 0 and not np.signbit(row.det[1])
     # Too big for a float: the item parser and extract_stats report it.
     with pytest.raises(StatsFormatError, match="out of range"):
-        read_stats(write(tmp_path, base.replace("15872011", "9" * 400)))
+        reader.read(write(tmp_path, base.replace("15872011", "9" * 400)))
 
 
 def test_layouts_are_bounded_and_skip_repeated_names():
     texts = [dump([[f"K{i}_{j}", "Double", float(j), ""] for j in range(3)]) for i in range(12)]
+    reader = StatsReader()
     for text in texts:
         for _ in range(3):
-            assert same(parse_record(text), parse_record_slow(text))
-    assert len(formats._LAYOUTS) == formats._MAX_LAYOUTS
-    assert formats._match_layout(texts[-1]) is not None and formats._match_layout(texts[0]) is None
-    formats._LAYOUTS.clear()
+            assert same(reader.parse(text), parse_record_slow(text))
+    assert len(reader.layouts) == reader.layouts.max_layouts == 8
+    assert reader.layouts.match(texts[-1]) is not None and reader.layouts.match(texts[0]) is None
+    reader.layouts.clear()
     repeated = dump([["A", "Double", 1.0, ""], ["B", "Double", 2.0, ""], ["A", "Double", 3.0, ""]])
     for _ in range(3):
-        assert same(parse_record(repeated), {"A": 3.0, "B": 2.0})
-    assert not formats._LAYOUTS
+        assert same(reader.parse(repeated), {"A": 3.0, "B": 2.0})
+    assert not reader.layouts.layouts
+    cache = LayoutCache(max_layouts=2, max_chars=len(texts[0]) - 1, max_names=10)
     for i in range(1100):
-        formats._learn("x", {f"N{i}": 1})
-    assert len(formats._SEEN) <= 1024
+        cache.learn("x", {f"N{i}": 1})
+    assert len(cache._seen) <= 10
+    for text in texts[:3]:  # too long for this cache
+        cache.learn(text, pl.parse_items(text))
+        cache.learn(text, pl.parse_items(text))
+    assert len(cache) == 0
+    cache.max_chars = 200_000
+    for text in texts[:3]:
+        cache.learn(text, pl.parse_items(text))
+        cache.learn(text, pl.parse_items(text))
+    assert len(cache) == 2 and cache.match(texts[2]) is not None and cache.match(texts[0]) is None
 
 
 def test_layout_does_not_match_other_comments_or_types():
     base = dump(sample_items(2), "flow")
-    parse_record(base)
-    parse_record(base)
-    assert formats._match_layout(base) is not None
+    reader = StatsReader()
+    reader.parse(base)
+    reader.parse(base)
+    assert reader.layouts.match(base) is not None
     for other in (base.replace("''", "'x'", 1), base.replace("Double", "Float", 1), base.replace("C10", "'C10'"),
                   base.replace("20512.25", "20512"), base.replace("992000", "992000.0"), base + "\n", base[:-1],
                   base.replace("lsst.daf", "lsst_daf"), base.replace("[DETECTOR_N,", "[DETECTOR(N,"),
                   base.replace("[DETECTOR_N,", "[DETECTOR_N ,"), base.replace("20512.25", "-.5"),
                   base.replace("20512.25", "+.5"), base.replace("20512.25", "1e5"), base.replace("992001", "-0")):
-        assert formats._match_layout(other) is None
-        ours, pure = outcome(parse_record, other), outcome(parse_record_slow, other, loader="pure")
+        assert reader.layouts.match(other) is None
+        ours, pure = outcome(reader.parse, other), outcome(parse_record_slow, other, loader="pure")
         assert ours[0] == pure[0] and (ours[0] == "error" or same(ours[1], pure[1]))
 
 
@@ -901,8 +930,9 @@ def test_layout_does_not_match_other_comments_or_types():
 ], ids=["gap", "string sigma", "null sigma", "string median", "int name", "missing count", "odd name"])
 def test_layouts_of_bad_files_keep_their_errors(change, key, reason, style, tmp_path):
     text = dump(change(sample_items(3)), style)
+    reader = StatsReader()
     for name in ("a.yaml", "b.yaml", "c.yaml"):
         with pytest.raises(StatsFormatError) as info:
-            read_stats(write(tmp_path, text, name))
+            reader.read(write(tmp_path, text, name))
         assert info.value.key == key and reason in info.value.reason
-    assert formats._match_layout(text) is not None and formats._LAYOUTS[0].stats is None
+    assert reader.layouts.match(text) is not None and reader.layouts.layouts[0].plan is None

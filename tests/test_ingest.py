@@ -10,9 +10,8 @@ import pytest
 
 from flatnorm_dask import measure_scales
 from flatnorm_dask.camera import load_camera
-from flatnorm_dask.formats import StatsFormatError
-from flatnorm_dask.ingest import (IngestError, compile_pattern, discover, exposure_from_obs_id, problems,
-                                  read_stats)
+from flatnorm_dask.ingest import IngestError, compile_pattern, discover, problems, read_campaign, solver_inputs
+from flatnorm_dask.schema import StatsFormatError
 from flatnorm_dask.simulate import BUTLER_PATTERN, SIMPLE_PATTERN, simulate_campaign, write_campaign
 
 
@@ -39,7 +38,7 @@ def assert_matches_truth(ds, truth):
 
 def test_pattern_reading_gives_the_simulated_numbers(campaign):
     tree, root, _ = campaign
-    got = read_stats(root, pattern=SIMPLE_PATTERN, batch_size=30)
+    got = read_campaign(root, pattern=SIMPLE_PATTERN, batch_size=30)
     assert sorted(got.children) == ["g_6", "r_57"]
     for name in ("g_6", "r_57"):
         ds, truth = got[name].to_dataset(), tree[name].to_dataset()
@@ -57,12 +56,12 @@ def test_pattern_reading_gives_the_simulated_numbers(campaign):
 
 def test_tasks_are_batches_not_files(campaign):
     _, root, _ = campaign
-    ds = read_stats(root, pattern=SIMPLE_PATTERN, batch_size=1000)["g_6"].to_dataset()
+    ds = read_campaign(root, pattern=SIMPLE_PATTERN, batch_size=1000)["g_6"].to_dataset()
     graph = dict(ds["amp_value"].data.__dask_graph__())
     names = [k[0] if isinstance(k, tuple) else k for k in graph]
     readers = [n for n in names if str(n).startswith("_read_block")]
     assert len(readers) == 1  # 84 files, one task
-    small = read_stats(root, pattern=SIMPLE_PATTERN, batch_size=30)["g_6"].to_dataset()
+    small = read_campaign(root, pattern=SIMPLE_PATTERN, batch_size=30)["g_6"].to_dataset()
     names = [k[0] if isinstance(k, tuple) else k for k in small["amp_value"].data.__dask_graph__()]
     assert sum(str(n).startswith("_read_block") for n in names) == 4  # ceil(7 exposures / 2 per task)
 
@@ -75,19 +74,63 @@ def test_butler_layout_maps_names_and_obs_ids(tmp_path):
     truth = tree["i_39"].to_dataset()
     assert sorted(set(files["exposure"])) == sorted(truth.exposure.values.tolist())
     assert sorted(set(files["detector"])) == sorted(truth.detector.values.tolist())
-    got = read_stats(files=files)["i_39"].to_dataset()
+    got = read_campaign(files=files)["i_39"].to_dataset()
     assert_matches_truth(got, truth)
 
 
-def test_obs_id_rule_and_pattern_validation():
-    assert exposure_from_obs_id("MC_C_20251120_000042") == 2025112000042
-    with pytest.raises(ValueError, match="not an LSST obs_id"):
-        exposure_from_obs_id("20251120_42")
+def test_pattern_validation():
     with pytest.raises(IngestError, match="must name the exposure"):
         compile_pattern("{detector}.yaml")
     regex = compile_pattern("{obs_id}/x_{obs_id}_{detector}.yaml")
     assert regex.fullmatch("MC_C_20251120_000001/x_MC_C_20251120_000001_7.yaml")
     assert not regex.fullmatch("MC_C_20251120_000001/x_MC_C_20251120_000002_7.yaml")
+
+
+def _copy_to(root, source, relative):
+    dest = root / relative
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, dest)
+
+
+def test_day_obs_and_seq_num_fields_give_lsst_exposure_ids(campaign, tmp_path):
+    _, root, _ = campaign
+    source = discover(root, pattern=SIMPLE_PATTERN)["path"].iloc[0]
+    for day, seq, det in [(20251120, 7, 3), (20251120, 99999, 3), (20260101, 0, 4)]:
+        _copy_to(tmp_path, source, f"{day}/{seq}/flatStats_{det}.yaml")
+    files = discover(tmp_path, pattern="{day_obs}/{seq_num}/flatStats_{detector}.yaml")
+    assert sorted(zip(files["exposure"], files["detector"])) == [
+        (2025112000007, 3), (2025112099999, 3), (2026010100000, 4)]
+    obs = tmp_path / "obs"
+    _copy_to(obs, source, "MC_O_20251120_000042/flatStats_5.yaml")
+    files = discover(obs, pattern="{obs_id}/flatStats_{detector}.yaml")
+    assert files["exposure"].tolist() == [20251120 * 100_000 + 42]
+
+
+@pytest.mark.parametrize("pattern, relative", [
+    ("{day_obs}/{seq_num}/flatStats_{detector}.yaml", "20251120/100000/flatStats_3.yaml"),
+    ("{obs_id}/flatStats_{detector}.yaml", "MC_C_20251120_123456/flatStats_3.yaml"),
+])
+def test_sequence_numbers_beyond_five_digits_name_the_file(campaign, tmp_path, pattern, relative):
+    # day_obs * 100000 + seq_num would be another day's exposure id: refused, naming the file.
+    _, root, _ = campaign
+    source = discover(root, pattern=SIMPLE_PATTERN)["path"].iloc[0]
+    _copy_to(tmp_path, source, "20251120/5/flatStats_3.yaml" if "day_obs" in pattern
+             else "MC_C_20251120_000005/flatStats_3.yaml")
+    _copy_to(tmp_path, source, relative)
+    with pytest.raises(IngestError) as err:
+        discover(tmp_path, pattern=pattern)
+    assert str(err.value).startswith(str(tmp_path / relative) + ": ")
+    assert "seq_num" in str(err.value) and "0..99999" in str(err.value)
+
+
+def test_solver_inputs_by_level(campaign):
+    _, root, _ = campaign
+    ds = read_campaign(root, pattern=SIMPLE_PATTERN)["g_6"].to_dataset()
+    for level, names in [("AMP", ("amp_value", "amp_count")), ("detector", ("det_value", "det_count"))]:
+        value, weight = solver_inputs(ds, level)
+        assert (value.name, weight.name) == names
+    with pytest.raises(ValueError, match="level must be one of"):
+        solver_inputs(ds, "CCD")
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
@@ -99,7 +142,7 @@ def test_manifest_input(campaign, tmp_path, kind):
         table.to_parquet(path)
     else:
         path = manifest
-    got = read_stats(root=root, manifest=path)
+    got = read_campaign(root=root, manifest=path)
     assert_matches_truth(got["r_57"].to_dataset(), tree["r_57"].to_dataset())
 
 
@@ -118,7 +161,7 @@ def test_missing_detector_and_exposure_are_masked(campaign, tmp_path):
     files = discover(root, pattern=SIMPLE_PATTERN)
     det, exp = int(files["detector"].iloc[5]), int(files["exposure"].iloc[5])
     drop = (files["physical_filter"] == "g_6") & (files["detector"] == det) & (files["exposure"] == exp)
-    ds = read_stats(files=files[~drop])["g_6"].to_dataset()
+    ds = read_campaign(files=files[~drop])["g_6"].to_dataset()
     cell = ds.sel(detector=det, exposure=exp)
     assert int(cell.status) == 1 and np.isnan(cell.det_value) and float(cell.det_count) == 0
     assert np.isnan(cell.amp_value).all() and (cell.amp_count == 0).all()
@@ -133,7 +176,7 @@ def test_bad_file_raises_with_file_and_key(campaign, tmp_path):
     text = text.replace("AMP_N_3\n  - Int\n  - ", "AMP_N_3\n  - Int\n  - abc", 1) if "AMP_N_3\n" in text else \
         text.replace("[AMP_N_3, Int, ", "[AMP_N_3, Int, abc", 1)
     open(victim, "w").write(text)
-    tree = read_stats(files=files)
+    tree = read_campaign(files=files)
     with pytest.raises(StatsFormatError) as err:
         dask.compute(*[tree[n].to_dataset()["amp_value"] for n in tree.children])
     assert victim in str(err.value) and "AMP_N_3" in str(err.value)
@@ -148,7 +191,7 @@ def test_bad_files_are_masked_and_recorded(campaign, tmp_path):
     text = open(truncated).read()
     open(truncated, "w").write(text[: len(text) // 3])
     os.remove(vanished)
-    ds = read_stats(files=files, on_error="mask")["g_6"].to_dataset().compute()
+    ds = read_campaign(files=files, on_error="mask")["g_6"].to_dataset().compute()
     found = {p["file"]: p["reason"] for p in problems(ds)}
     assert set(found) == {garbage, truncated, vanished}
     assert all(found.values())
@@ -168,8 +211,8 @@ def test_duplicates_raise_or_mask(campaign, tmp_path):
     dup["path"] = copy
     both = pd.concat([files, dup], ignore_index=True)
     with pytest.raises(IngestError, match="duplicate of"):
-        read_stats(files=both)
-    ds = read_stats(files=both, on_error="mask")[dup["physical_filter"].iloc[0]].to_dataset()
+        read_campaign(files=both)
+    ds = read_campaign(files=both, on_error="mask")[dup["physical_filter"].iloc[0]].to_dataset()
     found = problems(ds)
     assert len(found) == 1 and "duplicate" in found[0]["reason"] and copy in found[0]["reason"]
 
@@ -181,9 +224,9 @@ def test_amplifier_names_must_agree(campaign, tmp_path):
     text = open(victim).read()
     open(victim, "w").write(text.replace("C10", "X99"))
     with pytest.raises(StatsFormatError, match="amplifier names"):
-        tree = read_stats(files=files)
+        tree = read_campaign(files=files)
         dask.compute(*[tree[n].to_dataset()["amp_value"] for n in tree.children])
-    tree = read_stats(files=files, on_error="mask")
+    tree = read_campaign(files=files, on_error="mask")
     name = files["physical_filter"].iloc[30]
     found = problems(tree[name].to_dataset())
     assert [p["file"] for p in found] == [victim]
@@ -192,11 +235,11 @@ def test_amplifier_names_must_agree(campaign, tmp_path):
 def test_distributed_read_equals_threaded_and_solver_runs_on_it(campaign):
     distributed = pytest.importorskip("distributed")
     tree, root, _ = campaign
-    threaded = read_stats(root, pattern=SIMPLE_PATTERN, batch_size=20)["r_57"].to_dataset()
+    threaded = read_campaign(root, pattern=SIMPLE_PATTERN, batch_size=20)["r_57"].to_dataset()
     ref = measure_scales(threaded.amp_value, threaded.amp_count)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster):
-        ds = read_stats(root, pattern=SIMPLE_PATTERN, batch_size=20)["r_57"].to_dataset()
+        ds = read_campaign(root, pattern=SIMPLE_PATTERN, batch_size=20)["r_57"].to_dataset()
         fit = measure_scales(ds.amp_value, ds.amp_count)
         values = ds.amp_value.values
     np.testing.assert_array_equal(values, threaded.amp_value.values)

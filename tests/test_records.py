@@ -2,8 +2,12 @@
 
 import numpy as np
 import pytest
+import yaml
 
 from flatnorm_dask import measure_scales, normalize, records_to_matrices
+from flatnorm_dask.formats import read_stats_file
+from flatnorm_dask.schema import StatsFormatError
+from helpers import Items, PropertyListDumper
 
 AMPS = ["C10", "C11", "C01", "C00"]
 
@@ -101,15 +105,83 @@ def test_missing_dimension_names_the_data_id():
 
 
 def test_missing_statistic_names_key_and_record():
-    records, dims, *_ = make_records()
-    del records[2]["AMP_N_3"]
-    det, exp = dims[2]["detector"], dims[2]["exposure"]
-    with pytest.raises(KeyError, match=rf"record 2 \(exposure {exp}, detector {det}\): statistic AMP_N_3 missing"):
-        normalize(records, dims, level="AMP")
+    for level in ("AMP", "DETECTOR"):  # every statistic is checked at both levels, as the file reader does
+        records, dims, *_ = make_records()
+        del records[2]["AMP_N_3"]
+        det, exp = dims[2]["detector"], dims[2]["exposure"]
+        with pytest.raises(StatsFormatError) as info:
+            normalize(records, dims, level=level)
+        assert str(info.value) == f"record 2 (exposure {exp}, detector {det}): AMP_N_3: missing"
+        assert (info.value.key, info.value.reason) == ("AMP_N_3", "missing")
     records, dims, *_ = make_records()
     records[1]["DETECTOR_MEDIAN"] = "abc"
-    with pytest.raises(KeyError, match="DETECTOR_MEDIAN is not a number"):
+    with pytest.raises(StatsFormatError, match=r"record 1 \(.*\): DETECTOR_MEDIAN: not a number: 'abc'"):
         normalize(records, dims)
+
+
+# Records the file reader refuses: normalize refuses them too, with the same key and reason.
+BAD_RECORDS = {
+    "negative DETECTOR_N": lambda r: r.update(DETECTOR_N=-5),
+    "negative AMP_N": lambda r: r.update(AMP_N_2=-1.5),
+    "gap in AMP_NAME": lambda r: r.pop("AMP_NAME_1"),
+    "stray AMP_NAME": lambda r: r.update(AMP_NAME_x="C99"),
+    "int amplifier name": lambda r: r.update(AMP_NAME_0=10),
+    "bool for a number": lambda r: r.update(DETECTOR_MEDIAN=True),
+    "string for a number": lambda r: r.update(AMP_MEDIAN_3="20000.5"),
+    "null count": lambda r: r.update(AMP_N_0=None),
+    "missing median": lambda r: r.pop("DETECTOR_MEDIAN"),
+    "int beyond floats": lambda r: r.update(DETECTOR_N=10**400),
+}
+
+
+@pytest.mark.parametrize("level", ["DETECTOR", "AMP"])
+@pytest.mark.parametrize("name", list(BAD_RECORDS))
+def test_records_are_refused_as_the_file_reader_refuses_them(name, level, tmp_path):
+    records, dims, *_ = make_records()
+    BAD_RECORDS[name](records[5])
+    path = tmp_path / "bad.yaml"
+    items = Items([name, type(value).__name__, value, ""] for name, value in records[5].items())
+    path.write_text(yaml.dump(items, Dumper=PropertyListDumper))
+    with pytest.raises(StatsFormatError) as from_file:
+        read_stats_file(path)
+    with pytest.raises(StatsFormatError) as from_records:
+        normalize(records, dims, level=level)
+    assert (from_records.value.key, from_records.value.reason) == (from_file.value.key, from_file.value.reason)
+    where = f"record 5 (exposure {dims[5]['exposure']}, detector {dims[5]['detector']})"
+    assert from_records.value.path == where
+    assert str(from_records.value) == f"{where}: {from_file.value.key}: {from_file.value.reason}"
+
+
+def test_numpy_numbers_are_numbers():
+    records, dims, *_ = make_records(seed=6)
+    expected = normalize(records, dims, level="AMP")
+    as_numpy = [{k: (np.float32(v) if k == "DETECTOR_SIGMA" else np.int64(v) if isinstance(v, int)
+                     else np.float64(v) if isinstance(v, float) else v) for k, v in r.items()} for r in records]
+    assert isinstance(as_numpy[0]["AMP_N_0"], np.int64)
+    assert normalize(as_numpy, dims, level="AMP") == expected
+
+
+def test_amplifier_names_must_agree_at_amp_level():
+    records, dims, *_ = make_records()
+    records[3]["AMP_NAME_2"] = "X99"
+    normalize(records, dims, level="DETECTOR")  # the output uses record 0's names; the others are not compared
+    with pytest.raises(StatsFormatError, match=r"record 3 \(.*\): AMP_NAME_i: amplifier names .*X99.* differ"):
+        normalize(records, dims, level="AMP")
+
+
+def test_amplifier_names_are_needed():
+    records, dims, *_ = make_records()
+    for record in records:
+        for key in [k for k in record if k.startswith("AMP_")]:
+            del record[key]
+    with pytest.raises(StatsFormatError, match="record 0 .*: AMP_NAME_0: missing: no amplifier names"):
+        normalize(records, dims)
+
+    class Cam:
+        amp_names = ("A", "B")
+
+    out = normalize(records, dims, camera=Cam())
+    assert list(out["expScale"][2]) == ["A", "B"]
 
 
 def test_duplicate_and_bad_level_rejected():

@@ -2,7 +2,6 @@
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,19 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatnorm_dask.camera import load_camera
+from flatnorm_dask.propertylist import format_propertylist
 from flatnorm_dask.simulate import (
     BUTLER_PATTERN,
     LSSTCAM_FILTERS,
     SIMPLE_PATTERN,
-    format_propertylist,
     simulate_campaign,
     write_campaign,
 )
-
-SAMPLES = Path("/work/shared/reference/samples")
-from helpers import Items, PropertyListDumper, PropertyListLoader  # noqa: E402
-
-
+from helpers import DATA, Items, PropertyListDumper, PropertyListLoader
 
 
 def pyyaml_text(items, style):
@@ -203,10 +198,7 @@ def test_all_lsstcam_filters_and_bad_inputs():
 
 @pytest.mark.parametrize("style", ["block", "flow"])
 def test_sample_files_byte_for_byte(style):
-    path = SAMPLES / f"flatStats_{style}.yaml"
-    if not path.exists():
-        pytest.skip("shared samples not available")
-    text = path.read_text()
+    text = (DATA / f"flatStats_{style}.yaml").read_text()
     items = read_items(text)
     assert all(comment == "" for *_, comment in items)  # the record has no comments to carry
     record = {name: value for name, _, value, _ in items}
@@ -347,6 +339,38 @@ def test_written_files_equal_format_propertylist(tmp_path, small, style):
         assert text == format_propertylist(record, style)
         if int(row["detector"]) == dead:  # the dead detector's files exist, with NaN and zero counts
             assert "- .nan" in text or ", .nan," in text
+
+
+@pytest.mark.parametrize("change", ["long amplifier names", "float counts", "counts beyond 32 bits"])
+def test_written_files_equal_pyyaml_when_the_template_cannot_serve(tmp_path, small, change):
+    ds = small["g_6"].to_dataset().isel(exposure=[0, 1], detector=[0, 1, 2])
+    if change == "long amplifier names":  # a flow line of 80+ characters, which PyYAML wraps
+        ds = ds.assign_coords(amp=[f"{a}_{'N' * 57}" for a in ds["amp"].values])
+    elif change == "float counts":
+        ds["amp_count"] = ds["amp_count"].astype(float)
+    else:
+        ds["det_count"] = ds["det_count"] + 2**31
+    tree = xr.DataTree.from_dict({"g_6": ds})
+    for style in ("block", "flow"):
+        manifest = write_campaign(tree, tmp_path / style, layout="simple", style=style)
+        rows = read_manifest(manifest)
+        assert len(rows) == 6
+        for row in rows:
+            text = (tmp_path / style / row["path"]).read_text()
+            items = read_items(text)
+            assert text == pyyaml_text(items, style)
+            cell = ds.sel(exposure=int(row["exposure"]), detector=int(row["detector"]))
+            values = {name: value for name, _, value, _ in items}
+            assert values["DETECTOR_N"] == cell["det_count"].item()
+            assert [values[f"AMP_NAME_{i}"] for i in range(8)] == [str(a) for a in ds["amp"].values]
+            for i in range(8):
+                assert same_value(values[f"AMP_N_{i}"], cell["amp_count"][i].item())
+            if change == "float counts":
+                assert {typ for name, typ, _, _ in items if name.startswith("AMP_N_")} == {"Double"}
+            if change == "counts beyond 32 bits":
+                assert dict((n, t) for n, t, _, _ in items)["DETECTOR_N"] == "LongLong"
+            if change == "long amplifier names" and style == "flow":
+                assert "\n  '']\n" in text  # wrapped, as PyYAML (and so the butler) wraps long flow lines
 
 
 def test_write_campaign_bad_arguments(tmp_path, small):

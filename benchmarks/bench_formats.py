@@ -13,14 +13,16 @@ directory in ``/dev/shm`` when it exists, so that the disk does not dominate; re
 - ``yaml.safe_load`` with a constructor for the PropertyList tag (pure-Python loader, what the butler does),
   on a sample of ``--sample`` files, extrapolated per file;
 - PyYAML's ``CSafeLoader`` (libyaml) with the same constructor, on a sample;
-- ``flatnorm_dask.formats.read_stats``, serially over all files;
-- ``read_stats`` on a 2-worker ``distributed.LocalCluster`` (processes, one thread each) over all files in
-  batches of ``--batch`` files per task (cluster start-up timed apart), and the same batches on a plain
-  ``multiprocessing.Pool`` of as many processes: the parallel speed-up this machine allows at all.
+- ``flatnorm_dask.formats.StatsReader.read``, one reader serially over all files (as a reading task does:
+  the first two files item by item, the rest through the layout it learns from them);
+- the same on a 2-worker ``distributed.LocalCluster`` (processes, one thread each) over all files in
+  batches of ``--batch`` files per task, one reader per task (cluster start-up timed apart), and the same
+  batches on a plain ``multiprocessing.Pool`` of as many processes: the parallel speed-up this machine allows.
 
-Diagnostics: ``read_stats`` without the layout cache (the item-by-item parser, what a first file or files of
-all-different layouts cost) on the sample, and ``float()`` of each file's numbers alone, the part of the
-parse that exactness makes irreducible in Python.
+Diagnostics: a reader whose layout cache does not learn (``LayoutCache(max_layouts=0)``: the item-by-item
+parser, what a first file or files of all-different layouts cost) on the sample, ``read_stats_file`` (a
+new reader per file), and ``float()`` of each file's numbers alone, the part of the parse that exactness
+makes irreducible in Python.
 
 Serial timings are the best of ``--repeat`` passes (the files are in the page cache / tmpfs after writing).
 """
@@ -57,10 +59,11 @@ for _loader in (_ButlerLoader, _CLoader):
 
 
 def read_batch(paths: list[str]) -> np.ndarray:
-    """Statistics of a batch of files: array (n, 3, 1 + nAmp), detector first then amplifiers."""
-    from flatnorm_dask.formats import read_stats
+    """Statistics of a batch of files, read by one reader: array (n, 3, 1 + nAmp), detector then amplifiers."""
+    from flatnorm_dask.formats import StatsReader
 
-    rows = [read_stats(p) for p in paths]
+    reader = StatsReader()
+    rows = [reader.read(p) for p in paths]
     out = np.empty((len(rows), 3, 1 + (rows[0].amp.shape[1] if rows else 0)))
     for i, row in enumerate(rows):
         out[i, :, 0] = row.det
@@ -131,8 +134,8 @@ def main() -> None:
 def run(args, outdir: Path) -> None:
     from distributed import Client, LocalCluster
 
-    from flatnorm_dask import formats
-    from flatnorm_dask.formats import read_stats
+    from flatnorm_dask import propertylist as pl
+    from flatnorm_dask.formats import StatsReader, read_stats_file
 
     t0 = time.perf_counter()
     paths = write_files(args.files, outdir)
@@ -140,33 +143,34 @@ def run(args, outdir: Path) -> None:
     size = sum(os.path.getsize(p) for p in paths)
     print(f"wrote {n} files ({size / n:.0f} bytes each, {size / 1e6:.1f} MB) under {outdir} "
           f"in {time.perf_counter() - t0:.1f} s")
-    assert formats._parse_fast(Path(paths[0]).read_text())  # the files take the fast path
+    assert pl.parse_items(Path(paths[0]).read_text())  # the files take the fast path
     sample = paths[:: max(1, n // args.sample)][: args.sample]
     us = 1e6
 
     raw = _best(lambda: _raw(paths), args.repeat) / n
     pure = _best(lambda: _yaml(sample, _ButlerLoader), 1) / len(sample)
     clib = _best(lambda: _yaml(sample, _CLoader), args.repeat) / len(sample)
-    serial_result = []
-    serial = _best(lambda: serial_result.__setitem__(slice(None), [read_stats(p) for p in paths]),
-                   args.repeat) / n
-    assert formats._LAYOUTS, "no layout was learnt"
+    serial_result, readers = [], []
 
-    # Diagnostics: the item-by-item parser alone, and float() of the numbers alone.
-    learn, layouts = formats._learn, list(formats._LAYOUTS)
-    formats._learn = lambda text, record: None
-    formats._LAYOUTS.clear()
-    try:
-        item_parser = _best(lambda: [read_stats(p) for p in sample], args.repeat) / len(sample)
-    finally:
-        formats._learn = learn
-        formats._LAYOUTS[:] = layouts
+    def serial_pass():
+        reader = StatsReader()  # a new one each pass, as each reading task has its own
+        serial_result[:] = [reader.read(p) for p in paths]
+        readers[:] = [reader]
+
+    serial = _best(serial_pass, args.repeat) / n
+    reader = readers[0]
+    assert len(reader.layouts) == 1 and reader.layouts.layouts[0].plan is not None, "no usable layout learnt"
+
+    # Diagnostics: the item-by-item parser alone, a new reader per file, and float() of the numbers alone.
+    items_only = StatsReader(pl.LayoutCache(max_layouts=0))
+    item_parser = _best(lambda: [items_only.read(p) for p in sample], args.repeat) / len(sample)
+    assert not items_only.layouts.layouts
+    one_by_one = _best(lambda: [read_stats_file(p) for p in sample], args.repeat) / len(sample)
     tokens = []
     for p in paths:
-        layout, match = formats._match_layout(Path(p).read_text())
-        tokens.append(layout.stats(match.groups() + ("nan",)))
-    spell = formats._FLOAT_TEXT.get
-    floats_only = _best(lambda: [list(map(float, map(spell, t, t))) for t in tokens], args.repeat) / n
+        layout, match = reader.layouts.match(Path(p).read_text())
+        tokens.append(layout.plan.values(match.groups() + ("nan",)))
+    floats_only = _best(lambda: [pl.layout_floats(t) for t in tokens], args.repeat) / n
 
     batches = [paths[i:i + args.batch] for i in range(0, n, args.batch)]
     t0 = time.perf_counter()
@@ -204,12 +208,13 @@ def run(args, outdir: Path) -> None:
     print(f"  raw read (open + read)                  {raw * us:10.1f}")
     print(f"  yaml.safe_load + tag (pure, butler)     {pure * us:10.1f}   (sample of {len(sample)})")
     print(f"  PyYAML CSafeLoader + tag (libyaml)      {clib * us:10.1f}   (sample of {len(sample)})")
-    print(f"  read_stats, serial (1 core)             {serial * us:10.1f}")
-    print(f"  read_stats, {args.workers}-worker LocalCluster, wall   {on_cluster * us:10.1f}   "
+    print(f"  StatsReader.read, serial (1 core)       {serial * us:10.1f}")
+    print(f"  StatsReader.read, {args.workers}-worker LocalCluster, wall {on_cluster * us:8.1f}   "
           f"({len(batches)} tasks of <= {args.batch} files, best of {args.repeat})")
     print(f"  cluster start-up (not included above)   {startup:10.2f} s")
-    print(f"  read_stats, {args.workers}-process multiprocessing.Pool  {on_pool * us:10.1f}   (same batches)")
-    print(f"  read_stats without layouts (item parser) {item_parser * us:9.1f}   (sample of {len(sample)})")
+    print(f"  StatsReader.read, {args.workers}-process multiprocessing.Pool {on_pool * us:6.1f}   (same batches)")
+    print(f"  without layouts (item parser)           {item_parser * us:10.1f}   (sample of {len(sample)})")
+    print(f"  read_stats_file (a new reader a file)   {one_by_one * us:10.1f}   (sample of {len(sample)})")
     print(f"  float() of each file's numbers alone    {floats_only * us:10.1f}   "
           f"({len(tokens[0])} numbers a file)")
     print("\nratios")
@@ -220,6 +225,7 @@ def run(args, outdir: Path) -> None:
           f"{args.workers} cores; this machine has {os.cpu_count()} CPUs)")
     print(f"  serial / Pool speed-up    {serial / on_pool:8.2f} x   (the machine's own ceiling for this work)")
     print(f"  (raw read + float() alone) / raw read {(raw + floats_only) / raw:6.2f} x")
+    print(f"  item parser / layout path {item_parser / serial:8.2f} x")
     print(f"  files per second: serial {1 / serial:,.0f}, cluster {1 / on_cluster:,.0f}")
 
 

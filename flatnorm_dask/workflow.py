@@ -85,7 +85,7 @@ def _versions() -> dict[str, str]:
 
 
 def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
-    """Solve one filter's statistics (a node of :func:`flatnorm_dask.read_stats`) at a scaling level.
+    """Solve one filter's statistics (a node of :func:`flatnorm_dask.read_campaign`) at a scaling level.
 
     ``options`` are :func:`flatnorm_dask.measure_scales`' keywords (iterations, tol, clip_sigma, ...).
     """
@@ -94,7 +94,7 @@ def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
 
 
 def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
-    """A node of :func:`flatnorm_dask.read_stats` reduced to what a scaling level uses and the store keeps:
+    """A node of :func:`flatnorm_dask.read_campaign` reduced to what a scaling level uses and the store keeps:
     ``background`` and ``weight`` (the statistic and its pixel count) and the reading ``status``."""
     background, weight = solver_inputs(ds, level)
     out = xr.Dataset({"background": background, "weight": weight, "status": ds["status"]}, attrs=ds.attrs)
@@ -105,7 +105,7 @@ def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
 def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:
     """The store's Dataset for one filter: scales, the fitted model and the diagnostics, lazy where the input is.
 
-    ``ds`` is a node of :func:`flatnorm_dask.read_stats` or its :func:`level_inputs`. ``residual`` is
+    ``ds`` is a node of :func:`flatnorm_dask.read_campaign` or its :func:`level_inputs`. ``residual`` is
     ``log(background / model)`` on used cells and NaN elsewhere; ``row_rms`` and ``exp_rms`` are its
     weighted RMS per row (detector or amplifier) and per exposure.
     """

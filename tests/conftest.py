@@ -1,0 +1,38 @@
+"""Fixtures shared by the test modules.
+
+Starting a LocalCluster of worker processes costs seconds; most tests that need a real cluster only need one,
+not their own.  ``dask_cluster`` is started once per session and shared: tests use its client
+(``dask_client``) or pass its address to the command (``--scheduler ADDRESS``), which joins it instead of
+starting a cluster.  Tests that kill workers or need a differently shaped cluster start their own.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A LocalCluster of two single-threaded worker processes, shared by the whole session."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def dask_client(dask_cluster):
+    """A client of the shared cluster, the active scheduler for the duration of one test.
+
+    The workers are shared: a test must not kill or restart them, and should not leave data on them.
+    """
+    from distributed import Client
+
+    with Client(dask_cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def scheduler_address(dask_cluster) -> str:
+    """The shared cluster's address, for ``flatnorm run --scheduler ADDRESS`` (no cluster start-up per run)."""
+    return dask_cluster.scheduler_address

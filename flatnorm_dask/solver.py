@@ -7,22 +7,35 @@ pixel counts behind each statistic (Magnier's Pan-STARRS scheme, as used by LSST
 
 This module is pure: arrays in, arrays out, no I/O and no cluster.  Every operation is an elementwise
 ufunc, a ``sum`` or a matrix-vector product, so one implementation serves numpy and dask.  On dask the log
-data and weights are persisted once (unless ``persist=False``); each iteration then computes one fixed-size graph (two passes over
-the weights) and brings back only the row and exposure vectors.
+data and weights are persisted once (unless ``persist=False``; :func:`memory_bytes` says what that holds);
+each iteration then computes one fixed-size graph (two passes over the weights) and brings back only the row
+and exposure vectors.
+
+The fit's diagnostics are defined here and nowhere else: the residual ``log(B / model)`` of every usable
+cell (lazy on dask), its weighted scatter over the cells that entered the fit, and that scatter per row and
+per exposure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CONVERGENCE_TOL", "ScaleResult", "measure_scales", "usable_cells"]
+__all__ = ["CONVERGENCE_TOL", "ScaleResult", "measure_scales", "memory_bytes", "usable_cells"]
 
 #: Largest change of log G between iterations below which a fixed-count run is reported converged.
 CONVERGENCE_TOL = 1e-8
+
+#: Per cell, what the solver keeps in memory while it iterates on persisted inputs: the log value and the
+#: weight (float64) and the mask of cells in the fit (bool); a robust fit also keeps each round's weights
+#: (float64) and its clipped mask (bool).  :func:`_solve` persists exactly these.
+_HELD_PER_CELL = (np.float64, np.float64, np.bool_)
+_HELD_PER_CELL_CLIPPING = (np.float64, np.bool_)
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,15 @@ class ScaleResult:
     tol : float or None
         The tolerance asked for; None in fixed-iteration mode.
     residual_scatter : float
-        Weighted RMS of the log residuals ``log(B / model)`` over used cells.
+        Weighted RMS of ``residual`` over used cells.
+    residual : array, input shape
+        ``log(B / model)`` on every usable cell (finite positive value and weight), NaN elsewhere: a clipped
+        or excluded cell keeps its residual, and ``used`` says which cells entered the fit.  Lazy (dask) for
+        dask input.
+    row_rms : ndarray, row shape
+        Weighted RMS of ``residual`` over each row's used cells; NaN for filled rows.
+    exp_rms : ndarray, (nExposures,)
+        Weighted RMS of ``residual`` over each exposure's used cells; NaN for empty exposures.
     filled_rows : ndarray of bool, row shape
         Rows with no usable cell, whose G was filled with the mean of the others.
     empty_exposures : ndarray of bool, (nExposures,)
@@ -72,6 +93,9 @@ class ScaleResult:
     max_change: float
     tol: float | None
     residual_scatter: float
+    residual: Any
+    row_rms: Any
+    exp_rms: Any
     filled_rows: Any
     empty_exposures: Any
     errorE: Any = None
@@ -82,14 +106,33 @@ class ScaleResult:
 
 
 # Which ScaleResult fields have the shape of a cell, of a row and of the exposure axis.
-_CELL_FIELDS = ("bgModel", "used", "clipped")
-_ROW_FIELDS = ("vectorG", "errorG", "filled_rows")
-_EXP_FIELDS = ("vectorE", "errorE", "empty_exposures")
+_CELL_FIELDS = ("bgModel", "residual", "used", "clipped")
+_ROW_FIELDS = ("vectorG", "errorG", "row_rms", "filled_rows")
+_EXP_FIELDS = ("vectorE", "errorE", "exp_rms", "empty_exposures")
 
 
 def usable_cells(values, weights):
     """Cells fit for the log-space fit: finite positive value with a finite positive weight."""
     return np.isfinite(values) & (values > 0) & np.isfinite(weights) & (weights > 0)
+
+
+def memory_bytes(shape: Sequence[int], *, clipping: bool = False) -> int:
+    """Bytes the solver holds in memory (on dask: in the workers') while it fits an input of ``shape`` with
+    ``persist=True``.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The shape of ``bgMatrix``.
+    clipping : bool
+        Whether the fit is robust (``clip_sigma`` given), which keeps each round's weights and mask too.
+
+    Returns
+    -------
+    int
+    """
+    held = _HELD_PER_CELL + (_HELD_PER_CELL_CLIPPING if clipping else ())
+    return math.prod(int(n) for n in shape) * sum(np.dtype(t).itemsize for t in held)
 
 
 def _is_dask(x) -> bool:
@@ -244,20 +287,24 @@ def _persisted(*arrays, keep: bool):
 
 def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip_rounds, persist) -> ScaleResult:
     usable = usable_cells(values, weights)
-    if exclude is not None:
-        usable = usable & ~exclude.astype(bool)
-    # Unusable cells carry weight 0 and log value 0, so they vanish from every sum.
-    log_b = np.where(usable, np.log(np.where(usable, values, 1.0)), 0.0)
-    w_all = np.where(usable, weights, 0).astype(np.float64)
-    log_b, w_all, usable = _persisted(log_b, w_all, usable, keep=persist)
-    clipped = np.zeros_like(usable)  # numpy or dask, like its input
+    positive = np.where(usable, values, 1.0)
+    in_fit = usable if exclude is None else usable & ~exclude.astype(bool)
+    # Cells out of the fit carry weight 0 and log value 0 (log 1), so they vanish from every sum.
+    log_b = np.log(positive if exclude is None else np.where(in_fit, values, 1.0))
+    w_all = np.where(in_fit, weights, 0).astype(np.float64, copy=False)
+    # What memory_bytes counts (_HELD_PER_CELL).
+    log_b, w_all, in_fit = _persisted(log_b, w_all, in_fit, keep=persist)
+    if exclude is None:
+        usable = in_fit  # the same cells, already in memory
+    clipped = np.zeros_like(in_fit)  # numpy or dask, like its input
     rounds = 0
     while True:
+        # _HELD_PER_CELL_CLIPPING: each round's weights and clipped mask.
         w = w_all if rounds == 0 else _persisted(np.where(clipped, 0.0, w_all), keep=persist)[0]
-        fit = _fit(log_b, w, iterations, tol, max_iter)
+        fit = _fit(log_b, w, positive, usable, iterations, tol, max_iter)
         if clip_sigma is None or rounds == clip_rounds:
             break
-        new = _outliers(log_b, w_all, usable, w > 0, fit, clip_sigma)
+        new = _outliers(fit, w_all, in_fit, clip_sigma)
         (changed,) = _compute((new != clipped).sum())
         if not changed:
             break
@@ -265,8 +312,20 @@ def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip
     return dataclasses.replace(fit, clipped=clipped, clip_rounds=rounds)
 
 
-def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
-    """One alternating fit of log B = e + g on cells with weight w > 0 (log_b is 0 elsewhere)."""
+def _residual(positive, usable, model):
+    """``log(B / model)`` on usable cells, NaN elsewhere: the one definition of the fit's residual.
+
+    ``positive`` is B with 1 on the unusable cells, so that no task takes the log of a non-positive value
+    (on dask these run in worker tasks, outside any errstate).
+    """
+    return np.where(usable, np.log(positive / model), np.nan)
+
+
+def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
+    """One alternating fit of log B = e + g on cells with weight w > 0 (log_b is 0 elsewhere).
+
+    ``positive`` (B, 1 where unusable) and ``usable`` give the residual, on every usable cell.
+    """
     wl = w * log_b
     row_w, col_w, row_wl, col_wl = (np.asarray(v, dtype=np.float64) for v in _compute(
         w.sum(axis=1), w.sum(axis=0), wl.sum(axis=1), wl.sum(axis=0)))
@@ -277,6 +336,7 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
     live_rows = ~filled
     # NaN instead of 0 in the denominators: part of the division runs in worker tasks, outside any errstate.
     row_w_safe = np.where(filled, np.nan, row_w)
+    col_w_safe = np.where(empty, np.nan, col_w)
 
     with np.errstate(invalid="ignore", divide="ignore"):
         def update_e(g_sum):
@@ -305,21 +365,22 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
         (g_sum,) = _compute(_col_dot(w, np.where(live_rows, log_g, 0.0)))
         log_e = update_e(np.asarray(g_sum, dtype=np.float64))
 
-        e_known = np.where(empty, 0.0, log_e)
-        e_lazy, g_lazy = _like(e_known, w, 1), _like(log_g, w, 0)
-        resid = log_b - e_lazy[None, :] - g_lazy[:, None]
+        model = np.exp(_like(log_e, w, 1)[None, :] + _like(log_g, w, 0)[:, None])
+        residual = _residual(positive, usable, model)
+        used = w > 0
+        w_r2 = w * np.where(used, residual, 0.0) ** 2
         w2 = w * w
         inv_row = np.where(filled, 0.0, 1.0 / row_w_safe)
-        inv_col = np.where(empty, 0.0, 1.0 / np.where(empty, np.nan, col_w))
-        sq, n_used, w2_col, w2_row = _compute((w * resid * resid).sum(), (w > 0).sum(), _row_dot(w2, inv_col),
-                                              _col_dot(w2, inv_row))
+        inv_col = np.where(empty, 0.0, 1.0 / col_w_safe)
+        row_sq, exp_sq, n_used, w2_col, w2_row = (np.asarray(v, dtype=np.float64) for v in _compute(
+            w_r2.sum(axis=1), w_r2.sum(axis=0), used.sum(), _row_dot(w2, inv_col), _col_dot(w2, inv_row)))
+        sq = float(row_sq.sum())
         scatter = float(np.sqrt(sq / row_w.sum()))
         # Residual variance per unit weight, per degree of freedom (one gauge freedom between e and g).
         dof = int(n_used) - int(live_rows.sum()) - int((~empty).sum()) + 1
-        s2 = float(sq) / dof if dof > 0 else np.nan
-        var_g = s2 * (inv_row + inv_row ** 2 * np.asarray(w2_col, dtype=np.float64))
-        var_e = s2 * (inv_col + inv_col ** 2 * np.asarray(w2_row, dtype=np.float64))
-        model = np.exp(_like(log_e, w, 1)[None, :] + g_lazy[:, None])
+        s2 = sq / dof if dof > 0 else np.nan
+        var_g = s2 * (inv_row + inv_row ** 2 * w2_col)
+        var_e = s2 * (inv_col + inv_col ** 2 * w2_row)
 
     vector_e, vector_g = np.exp(log_e), np.exp(log_g)
     max_change = history[-1] if history else float("nan")
@@ -327,12 +388,15 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
         vectorE=vector_e,
         vectorG=vector_g,
         bgModel=model,
-        used=w > 0,
+        used=used,
         iterations=len(history),
         converged=bool(max_change < (tol if tol is not None else CONVERGENCE_TOL)),
         max_change=max_change,
         tol=tol,
         residual_scatter=scatter,
+        residual=residual,
+        row_rms=np.sqrt(row_sq / row_w_safe),
+        exp_rms=np.sqrt(exp_sq / col_w_safe),
         filled_rows=filled,
         empty_exposures=empty,
         errorE=np.where(empty, np.nan, vector_e * np.sqrt(var_e)),
@@ -341,17 +405,16 @@ def _fit(log_b, w, iterations, tol, max_iter) -> ScaleResult:
     )
 
 
-def _outliers(log_b, w_all, usable, used, fit: ScaleResult, k: float):
-    """Usable cells whose weight-normalised log residual is beyond k robust sigmas of the used cells'.
+def _outliers(fit: ScaleResult, w_all, in_fit, k: float):
+    """Cells of the fit whose weight-normalised residual is beyond k robust sigmas of the used cells'.
 
     The residuals are first median-polished (exposure medians, then row medians, over used cells, twice): a
     bad cell pulls its row's and exposure's mean-based fit, and without the polish a row with a few wild
     cells, or one measured against a biased exposure, would see all its cells rejected, then stay rejected.
     """
-    log_e = np.log(np.where(fit.empty_exposures, 1.0, fit.vectorE))
-    resid = log_b - _like(log_e, w_all, 1)[None, :] - _like(np.log(fit.vectorG), w_all, 0)[:, None]
+    used = fit.used
     # Rows and exposures with no used cell get zeros, not all-NaN slices (which warn in worker tasks).
-    masked = np.where(used, resid, np.nan)
+    masked = np.where(used, fit.residual, np.nan)
     masked = np.where(_like(fit.filled_rows, w_all, 0)[:, None] | _like(fit.empty_exposures, w_all, 1)[None, :],
                       0.0, masked)
     row_offset, exp_offset = np.zeros(fit.filled_rows.shape), np.zeros(fit.empty_exposures.shape)
@@ -364,13 +427,15 @@ def _outliers(log_b, w_all, usable, used, fit: ScaleResult, k: float):
         exp_offset = exp_offset + step
         (step,) = _compute(_nanmedian(less_offsets(masked), axis=1))
         row_offset = row_offset + step
-    polished = less_offsets(resid)
-    (mean_w,) = _compute(w_all.sum() / usable.sum())
+    polished = less_offsets(fit.residual)
+    (mean_w,) = _compute(w_all.sum() / in_fit.sum())
     # Scaled so that cells of typical weight keep their residual: a cell with fewer pixels is noisier.
     z = polished * np.sqrt(w_all / float(mean_w))
     centre = _lower_median(z, used)
     spread = 1.4826 * _lower_median(abs(z - centre), used)
-    return usable & (abs(z - centre) > k * spread)
+    # "not within" rather than "beyond": a cell without a residual (its exposure lost every cell to
+    # clipping, so has no model) stays rejected.
+    return in_fit & ~(abs(z - centre) <= k * spread)
 
 
 def _nanmedian(x, axis: int):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatnorm_dask import measure_scales
+from flatnorm_dask.solver import memory_bytes
 
 
 def reference_loop(b, w, iterations=10):
@@ -156,6 +157,87 @@ def test_residual_scatter_matches_direct_computation():
     resid = np.log(b / np.outer(fit.vectorG, fit.vectorE))
     assert fit.residual_scatter == pytest.approx(np.sqrt(np.sum(w * resid**2) / w.sum()), rel=1e-9)
     assert 0.005 < fit.residual_scatter < 0.02
+
+
+def rms_loop(b, w, used, model):
+    """Weighted RMS of log(b / model) over used cells, per row and per column, one row or column at a time."""
+    def rms(i_cells):
+        cells = [(np.log(b[i, j] / model[i, j]), w[i, j]) for i, j in i_cells if used[i, j]]
+        total = sum(x for _, x in cells)
+        return np.sqrt(sum(x * r * r for r, x in cells) / total) if cells else np.nan
+
+    n_rows, n_exp = b.shape
+    return (np.array([rms([(i, j) for j in range(n_exp)]) for i in range(n_rows)]),
+            np.array([rms([(i, j) for i in range(n_rows)]) for j in range(n_exp)]))
+
+
+def test_residual_is_log_b_over_model_on_every_usable_cell():
+    b, w, *_ = simulate(n_rows=15, n_exp=9, noise=0.01, seed=21)
+    b[2, 3], b[4, 1], w[7, 2] = np.nan, -1.0, 0.0
+    b[11, :] = np.nan  # a row without data: filled G, residual NaN, RMS NaN
+    b[:, 6] = np.nan  # an exposure without data: NaN model
+    exclude = np.zeros(b.shape, bool)
+    exclude[5, 5] = True  # usable, but left out of the fit
+    fit = measure_scales(b, w, exclude=exclude)
+    usable = np.isfinite(b) & (b > 0) & (w > 0)
+    assert fit.used.sum() == usable.sum() - 1 and not fit.used[5, 5]
+    # The formula the store used before the solver returned it, bit for bit on the cells of the fit.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        before = np.where(fit.used, np.log(np.where(fit.used, b, 1.0) / fit.bgModel), np.nan)
+    np.testing.assert_array_equal(np.where(fit.used, fit.residual, np.nan), before)
+    # A usable cell outside the fit keeps its residual; every unusable cell is NaN.
+    assert fit.residual[5, 5] == np.log(b[5, 5] / fit.bgModel[5, 5])
+    np.testing.assert_array_equal(np.isnan(fit.residual), ~usable)
+    row_rms, exp_rms = rms_loop(b, w, fit.used, fit.bgModel)
+    np.testing.assert_allclose(fit.row_rms, row_rms, rtol=1e-12)
+    np.testing.assert_allclose(fit.exp_rms, exp_rms, rtol=1e-12)
+    assert np.isnan(fit.row_rms[11]) and np.isnan(fit.exp_rms[6]) and np.isfinite(np.delete(fit.exp_rms, 6)).all()
+    sq = np.sum(np.where(fit.used, w * fit.residual ** 2, 0.0))
+    assert fit.residual_scatter == pytest.approx(np.sqrt(sq / w[fit.used].sum()), rel=1e-13)
+
+
+def test_residual_is_lazy_on_dask_and_equal_to_numpy():
+    b, w, *_ = simulate(n_rows=6 * 4, n_exp=10, seed=22, noise=0.02)
+    b[3, 3] = np.nan
+    ref = measure_scales(b.reshape(6, 4, 10), w.reshape(6, 4, 10))
+    lazy = measure_scales(da.from_array(b.reshape(6, 4, 10), chunks=(2, 3, 4)),
+                          da.from_array(w.reshape(6, 4, 10), chunks=(2, 3, 4)))
+    assert isinstance(lazy.residual, da.Array) and lazy.residual.shape == (6, 4, 10)
+    assert lazy.row_rms.shape == (6, 4) and lazy.exp_rms.shape == (10,)
+    # numpy (BLAS) and dask round the fit's sums apart: residuals of ~1e-3 agree to ~1e-14
+    np.testing.assert_allclose(lazy.residual.compute(), ref.residual, rtol=1e-9, atol=1e-12)
+    assert np.isnan(lazy.residual.compute()[0, 3, 3])
+    np.testing.assert_allclose(lazy.row_rms, ref.row_rms, rtol=1e-9)
+    np.testing.assert_allclose(lazy.exp_rms, ref.exp_rms, rtol=1e-9)
+
+
+@pytest.mark.parametrize("clip_sigma", [None, 3.0])
+def test_memory_bytes_is_what_the_solver_persists(monkeypatch, clip_sigma):
+    """memory_bytes(shape) equals the bytes of the arrays the solver keeps in memory on dask."""
+    b, w, *_ = simulate(n_rows=4 * 8, n_exp=16, seed=23, noise=0.01)
+    b[5, 2:6] *= 2  # outliers, so that a robust fit runs rounds
+    persisted = []
+    real_persist = dask.persist
+
+    def spy(*arrays, **kwargs):
+        persisted.append(sum(a.nbytes for a in arrays))
+        return real_persist(*arrays, **kwargs)
+
+    monkeypatch.setattr(dask, "persist", spy)
+    cube = [da.from_array(x.reshape(4, 8, 16), chunks=(2, 8, 8)) for x in (b, w)]
+    fit = measure_scales(*cube, clip_sigma=clip_sigma)
+    assert persisted[0] == memory_bytes((4, 8, 16)) == 17 * b.size
+    if clip_sigma is None:
+        assert len(persisted) == 1
+    else:
+        # Each round keeps its clipped mask and its weights beside the inputs (two persists a round).
+        per_round = memory_bytes((4, 8, 16), clipping=True) - memory_bytes((4, 8, 16))
+        assert per_round == 9 * b.size and fit.clip_rounds >= 1
+        rounds = list(zip(persisted[1::2], persisted[2::2]))
+        assert len(persisted) == 1 + 2 * fit.clip_rounds and all(sum(r) == per_round for r in rounds)
+    persisted.clear()
+    measure_scales(*cube, clip_sigma=clip_sigma, persist=False)
+    assert persisted == []  # streamed: nothing held
 
 
 def test_amplifier_rows_are_det_times_namp_plus_amp():

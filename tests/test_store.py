@@ -23,10 +23,13 @@ from flatnorm_dask.store import (
     StoreExistsError,
     commit_store,
     export_scales,
+    group_datasets,
     is_complete,
     open_store,
     prepare_store,
+    read_commit,
     store_summary,
+    store_transaction,
     write_groups,
     write_scales_yaml,
     write_store,
@@ -304,6 +307,58 @@ def test_store_summary_reports_groups_and_provenance(tmp_path):
                  "converged", "1.250e-03", "7 problem(s)", "/data/f0.yaml: DETECTOR_N missing", "and 2 more",
                  "numpy 2.4", "2026-01-01", str(path)):
         assert word in text, word
+
+
+def test_store_summary_reads_the_config_through_the_schema(tmp_path):
+    groups = {"r_57": make_group(problems=0)}
+    butler = {"input": {"butler": "/repo/main", "collections": "LSSTCam/runs/a, LSSTCam/runs/b",
+                        "where": "exposure.day_obs = 20251120"},
+              "solve": {"level": "amp", "tol": "1e-10", "max_iter": 50}}
+    text = store_summary(write_store(tmp_path / "b.zarr", groups, root_attrs={"config": butler}))
+    # Canonical spellings and defaults from the schema: AMP, the collections split, flatStats, lsstcam.
+    assert ("  config: input butler /repo/main (flatStats in LSSTCam/runs/a, LSSTCam/runs/b where "
+            "exposure.day_obs = 20251120), camera lsstcam, level AMP, tol 1e-10, max_iter 50") in text.splitlines()
+    bad = {"input": {"root": "/data", "pattern": "{exposure}.yaml"}, "solve": {"levle": "AMP"}}
+    path = write_store(tmp_path / "bad.zarr", groups, root_attrs={"config": bad})
+    [line] = [line for line in store_summary(path).splitlines() if "config" in line]
+    assert line.startswith(f"  config: not readable: {path}: config attribute: solve.levle: unknown option")
+    assert "r_57: level AMP" in store_summary(path)  # the rest is still shown
+    assert "config" not in store_summary(write_store(tmp_path / "none.zarr", groups))
+
+
+def test_transaction_commits_or_leaves_nothing(tmp_path):
+    path = tmp_path / "s.zarr"
+    with store_transaction(path) as staging:
+        assert staging.is_dir() and read_commit(staging) is None and not path.exists()
+        dask.compute(*write_groups(staging, {"r_57": make_group(chunks={"exposure": 4})}))
+    assert is_complete(path) and not staging.exists() and not leftovers(path)
+    record = read_commit(path)
+    assert record["groups"] == ["r_57"] and record == open_store(path).attrs[COMMIT_ATTR]
+    before = snapshot(path)
+    with pytest.raises(ZeroDivisionError):  # the work fails: the old store stays, the staging goes
+        with store_transaction(path, overwrite=True) as staging:
+            dask.compute(*write_groups(staging, {"r_57": make_group(seed=3)}))
+            1 / 0
+    assert snapshot(path) == before and not leftovers(path)
+    # Another run commits the same path first: this one loses at its commit and removes its staging.
+    other = tmp_path / "t.zarr"
+    with pytest.raises(StoreExistsError, match="exists; pass --overwrite"):
+        with store_transaction(other) as staging:
+            dask.compute(*write_groups(staging, {"r_57": make_group(seed=4)}))
+            write_store(other, {"g_6": make_group(seed=5)})
+    assert list(open_store(other).children) == ["g_6"] and not leftovers(other)
+
+
+def test_group_datasets_of_trees_and_mappings(tmp_path):
+    groups = {"r_57": make_group(seed=1), "g_6": make_group(seed=2)}
+    tree = xr.DataTree.from_dict({name: ds for name, ds in groups.items()})
+    for source in (groups, tree, dict(tree.children)):
+        got = group_datasets(source)
+        assert list(got) == ["r_57", "g_6"] and all(isinstance(ds, xr.Dataset) for ds in got.values())
+        xr.testing.assert_identical(got["g_6"], groups["g_6"])
+    stored = group_datasets(open_store(write_store(tmp_path / "s.zarr", tree)))
+    assert sorted(stored) == ["g_6", "r_57"]
+    np.testing.assert_array_equal(stored["r_57"]["background"].values, groups["r_57"]["background"].values)
 
 
 def expected_scales(ds: xr.Dataset) -> dict:

@@ -1,0 +1,167 @@
+"""Zarr encoding: how a run's Datasets are written into a store's groups, one group per physical_filter.
+
+:func:`write_groups` writes every group's metadata (and its in-memory arrays) into a staging directory of
+:mod:`flatnorm_dask.store.transaction` and returns the Dask tasks that write the chunked arrays, for the
+caller to compute on its cluster; :func:`append_variables` adds variables to a group already written.
+:func:`write_store` does all of it in one transaction.
+
+Layout of a group (built by the caller; written as given): ``exp_scale`` (exposure), ``det_scale``
+(detector[, amp]), per-cell ``background``, ``weight``, ``model``, ``residual``, ``used`` over
+(detector[, amp], exposure), coordinates ``detector``, ``amp`` (names), ``exposure``, and JSON attributes
+(``level``, ``iterations``, ``converged``, ``residual_scatter``, ``problems``, ...).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .read import group_datasets
+from .transaction import COMMIT_ATTR, StoreError, store_transaction
+
+__all__ = ["append_variables", "write_groups", "write_store"]
+
+_STRING_DTYPE = np.dtypes.StringDType() if hasattr(np.dtypes, "StringDType") else object  # numpy < 2: object
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """``value`` as plain JSON types (numpy scalars and arrays, tuples, paths and datetimes converted)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)  # NaN stays NaN: zarr-python writes and reads it (as JSON's common extension)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: attribute keys must be strings, got {key!r}")
+            out[key] = _jsonable(item, f"{where}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise TypeError(f"{where}: {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def _zarr_ready(ds: xr.Dataset, name: str) -> xr.Dataset:
+    """A copy of ``ds`` that writes cleanly: strings as variable-length UTF-8, dask chunks on zarr chunks."""
+    ds = ds.copy()
+    ds.attrs = _jsonable(dict(ds.attrs), f"group {name} attrs")
+    replaced: dict[str, xr.Variable] = {}
+    for var_name, var in ds.variables.items():
+        var = var.copy(deep=False)
+        var.attrs = _jsonable(dict(var.attrs), f"{name}/{var_name} attrs")
+        # Stale encodings (chunks, fill values of a store the data was read from) must not leak in.
+        var.encoding = {}
+        if var.dtype.kind == "U" or (var.dtype == object and var.chunks is None
+                                     and all(isinstance(v, str) for v in var.values.flat)):
+            # Fixed-width numpy strings would be zarr's fixed_length_utf32, which has no v3 spec yet; the
+            # variable-length "string" type has one.  numpy's StringDType maps to it without xarray
+            # loading dask-backed strings to infer a type, as it does for object arrays.
+            var = var.astype(_STRING_DTYPE)
+        chunks = None
+        if var.chunks is not None:  # dask-backed; numpy variables are written by the client, zarr-chunked
+            sizes, regular = [], True
+            for dim_chunks in var.chunks:
+                first = dim_chunks[0] if dim_chunks else 0
+                # xarray needs every dask chunk but the last to be a whole number of zarr chunks.
+                if any(c != first for c in dim_chunks[:-1]) or (dim_chunks and dim_chunks[-1] > first):
+                    regular = False
+                    first = max(dim_chunks)
+                sizes.append(max(first, 1))
+            if not regular:
+                var = var.chunk(dict(zip(var.dims, sizes)))
+            chunks = tuple(sizes)
+        var.encoding = {"chunks": chunks} if chunks else {}
+        replaced[var_name] = var
+    coords = {k: v for k, v in replaced.items() if k in ds.coords}
+    data_vars = {k: v for k, v in replaced.items() if k not in ds.coords}
+    return xr.Dataset(data_vars, coords=coords, attrs=ds.attrs)
+
+
+def _check_group_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"bad group (physical_filter) name {name!r}: must be non-empty, without '/', "
+                         "not starting with '.'")
+    return name
+
+
+def write_groups(staging: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,
+                 root_attrs: Mapping[str, Any] | None = None) -> list:
+    """Write the root and every group's metadata into ``staging``; return the delayed chunk writes.
+
+    Parameters
+    ----------
+    staging : path-like
+        The empty directory returned by :func:`flatnorm_dask.store.prepare_store`.
+    datasets : mapping of str to Dataset, or DataTree
+        One Dataset per group (physical_filter), numpy- or dask-backed; a DataTree's children are used.
+        Attributes must be JSON-serialisable after converting numpy scalars and arrays.
+    root_attrs : mapping, optional
+        Root attributes (config, versions, creation time...); ``flatnorm_commit`` is reserved.
+
+    Returns
+    -------
+    list of dask.delayed.Delayed
+        One per group; compute them (on any scheduler whose workers see ``staging``) before
+        :func:`flatnorm_dask.store.commit_store`.  In-memory variables are already written when this returns.
+    """
+    import zarr
+
+    staging = Path(staging)
+    if not staging.is_dir():
+        raise StoreError(f"{staging}: staging directory not found (call prepare_store first)")
+    if any(staging.iterdir()):
+        raise StoreError(f"{staging}: staging directory is not empty")
+    attrs = _jsonable(dict(root_attrs or {}), "root attrs")
+    if COMMIT_ATTR in attrs:
+        raise ValueError(f"root attribute {COMMIT_ATTR!r} is reserved for the commit marker")
+    groups = {_check_group_name(name): ds for name, ds in group_datasets(datasets).items()}
+    zarr.create_group(str(staging), zarr_format=3, attributes=attrs)
+    return [_zarr_ready(ds, name).to_zarr(str(staging), group=name, mode="w-", compute=False, zarr_format=3,
+                                          consolidated=False)
+            for name, ds in groups.items()]
+
+
+def append_variables(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> Any:
+    """Add ``ds``'s variables to group ``name`` of a staging store written by :func:`write_groups`.
+
+    The group's attributes become ``ds.attrs`` merged over the existing ones.  Returns the delayed chunk
+    writes (in-memory variables are written before it returns); compute them before
+    :func:`flatnorm_dask.store.commit_store`.
+    """
+    import zarr
+
+    name = _check_group_name(name)
+    group = zarr.open_group(str(staging), path=name, mode="r+", zarr_format=3)
+    ready = _zarr_ready(ds.assign_attrs({**dict(group.attrs), **ds.attrs}), name)
+    existing = [v for v in ready.data_vars if v in set(group.array_keys())]
+    if existing:
+        raise StoreError(f"{staging}/{name}: variables {existing} are already written")
+    return ready.to_zarr(str(staging), group=name, mode="a", compute=False, zarr_format=3, consolidated=False)
+
+
+def write_store(path: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,
+                root_attrs: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """:func:`write_groups` and ``dask.compute`` (on the active scheduler or client) in one
+    :func:`flatnorm_dask.store.store_transaction`: the store is committed, or nothing is left."""
+    import dask
+
+    with store_transaction(path, overwrite=overwrite) as staging:
+        dask.compute(*write_groups(staging, datasets, root_attrs=root_attrs))
+    return Path(path)

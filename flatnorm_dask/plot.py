@@ -150,21 +150,20 @@ def residual_map(ds):
 
 
 def residual_histogram(ds, bins: int = 80):
-    """Histogram of log residuals: used cells, and cells left out of the fit though finite (clipped)."""
+    """Histogram of log residuals: used cells, and usable cells left out of the fit (clipped).
+
+    The store's ``residual`` is defined on every usable cell; ``used`` says which entered the fit.
+    """
     resid = _rows(ds["residual"])
     used = _rows(ds["used"]).astype(bool)
-    background = _rows(ds["background"])
-    model = _rows(ds["model"])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        raw = np.log(background / model)
-    clipped = ~used & np.isfinite(raw)
+    has_residual = np.isfinite(resid)
+    kept, left_out = resid[used & has_residual], resid[~used & has_residual]
     fig = _figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    finite = resid[used & np.isfinite(resid)]
-    edges = np.histogram_bin_edges(np.concatenate([finite, raw[clipped]]) if clipped.any() else finite, bins)
-    ax.hist(finite, bins=edges, label=f"used ({finite.size})", color="C0")
-    if clipped.any():
-        ax.hist(raw[clipped], bins=edges, label=f"left out ({int(clipped.sum())})", color="C3", alpha=0.8)
+    edges = np.histogram_bin_edges(np.concatenate([kept, left_out]), bins)
+    ax.hist(kept, bins=edges, label=f"used ({kept.size})", color="C0")
+    if left_out.size:
+        ax.hist(left_out, bins=edges, label=f"left out ({left_out.size})", color="C3", alpha=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("log(background / model)")
     ax.set_ylabel("cells")
@@ -174,21 +173,20 @@ def residual_histogram(ds, bins: int = 80):
 
 
 def plot_store(store: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
-    """Write every figure of every filter of a (complete) store as PNG; return the paths."""
-    import json
+    """Write every figure of every filter of a (complete) store as PNG; return the paths.
 
-    from .store import open_store
+    The camera is the one the store's recorded config names (else each group's ``camera`` attribute, else
+    LSSTCam).
+    """
+    from .store import group_datasets, open_store, stored_config
 
     tree = open_store(store)
-    config = tree.attrs.get("config") or {}
-    if isinstance(config, str):
-        config = json.loads(config)
-    camera = (config.get("input") or {}).get("camera")
+    cfg = stored_config(tree, store)
+    camera = cfg.input.camera if cfg is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, node in tree.children.items():
-        ds = node.to_dataset()
+    for name, ds in group_datasets(tree).items():
         for kind, fig in (("focal_plane", focal_plane(ds, camera)), ("exposure_scales", exposure_scales(ds)),
                           ("residual_map", residual_map(ds)), ("residual_hist", residual_histogram(ds))):
             path = out / f"{name}_{kind}.png"

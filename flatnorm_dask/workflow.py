@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import logging
 import platform
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .config import Config
+from .config import Config, SolveConfig
 from .ingest import discover, problems, read_campaign, solver_inputs
-from .solver import ScaleResult, measure_scales
-from .store import append_variables, commit_store, prepare_store, write_groups, write_scales_yaml
+from .solver import ScaleResult, measure_scales, memory_bytes
+from .store import append_variables, group_datasets, store_transaction, write_groups, write_scales_yaml
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,28 @@ def _versions() -> dict[str, str]:
             "zarr": zarr.__version__, "pandas": pandas.__version__}
 
 
-def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
-    """Solve one filter's statistics (a node of :func:`flatnorm_dask.read_campaign`) at a scaling level.
+def _level_arrays(ds: xr.Dataset, level: str) -> tuple[xr.DataArray, xr.DataArray]:
+    """The statistic and its weight at a level: ``background`` and ``weight`` of a :func:`level_inputs`
+    Dataset (as the store holds them), else picked from a :func:`flatnorm_dask.read_campaign` node."""
+    if "background" in ds:
+        return ds["background"], ds["weight"]
+    return solver_inputs(ds, level)
 
-    ``options`` are :func:`flatnorm_dask.measure_scales`' keywords (iterations, tol, clip_sigma, ...).
+
+def _solver_options(solve: SolveConfig) -> dict[str, Any]:
+    """The :func:`flatnorm_dask.measure_scales` keywords a ``solve`` config section sets (``persist`` apart)."""
+    return {"iterations": solve.iterations, "tol": solve.tol, "max_iter": solve.max_iter,
+            "clip_sigma": solve.clip_sigma, "clip_rounds": solve.clip_rounds}
+
+
+def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
+    """Solve one filter's statistics at a scaling level: the one way the workflow solves a filter.
+
+    ``ds`` is a node of :func:`flatnorm_dask.read_campaign` or its :func:`level_inputs`; ``options`` are
+    :func:`flatnorm_dask.measure_scales`' keywords (iterations, tol, clip_sigma, persist, ...).
     """
-    values, counts = solver_inputs(ds, level)
-    return measure_scales(values, counts, **options)
+    background, weight = _level_arrays(ds, level)
+    return measure_scales(background, weight, **options)
 
 
 def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
@@ -105,41 +119,28 @@ def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
 def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:
     """The store's Dataset for one filter: scales, the fitted model and the diagnostics, lazy where the input is.
 
-    ``ds`` is a node of :func:`flatnorm_dask.read_campaign` or its :func:`level_inputs`. ``residual`` is
-    ``log(background / model)`` on used cells and NaN elsewhere; ``row_rms`` and ``exp_rms`` are its
-    weighted RMS per row (detector or amplifier) and per exposure.
+    ``ds`` is a node of :func:`flatnorm_dask.read_campaign` or its :func:`level_inputs`; ``fit`` its
+    :func:`solve_dataset`.  ``residual``, ``row_rms`` and ``exp_rms`` are the fit's own (see
+    :class:`flatnorm_dask.ScaleResult`): the residual of every usable cell, clipped ones included, and its
+    weighted RMS over used cells per row (detector or amplifier) and per exposure.
     """
     if "background" not in ds:
         ds = level_inputs(ds, level)
-    background, weight = ds["background"], ds["weight"]
-    cell_dims = background.dims
-    used = fit.used.transpose(*cell_dims)
-    model = fit.bgModel.transpose(*cell_dims)
-    # Written so that no task divides by zero or takes the log of a non-positive value: these run on the
-    # workers, where an errstate set here would not apply.
-    residual = xr.where(used, np.log(xr.where(used, background, 1.0) / model), np.nan)
-    w = xr.where(used, weight, 0.0)
+    cell_dims = ds["background"].dims
     row_dims = [d for d in cell_dims if d != "exposure"]
-    wr2 = w * residual.fillna(0) ** 2
-
-    def rms(dims):
-        total = w.sum(dims)
-        return np.sqrt(wr2.sum(dims) / total.where(total > 0))
-
-    row_rms, exp_rms = rms("exposure"), rms(row_dims)
     out = xr.Dataset(
         {
             "exp_scale": fit.vectorE,
             "det_scale": fit.vectorG.transpose(*row_dims),
             "exp_scale_err": fit.errorE,
             "det_scale_err": fit.errorG.transpose(*row_dims),
-            "background": background,
-            "weight": weight,
-            "model": model,
-            "residual": residual,
-            "used": used,
-            "row_rms": row_rms,
-            "exp_rms": exp_rms,
+            "background": ds["background"],
+            "weight": ds["weight"],
+            "model": fit.bgModel.transpose(*cell_dims),
+            "residual": fit.residual.transpose(*cell_dims),
+            "used": fit.used.transpose(*cell_dims),
+            "row_rms": fit.row_rms.transpose(*row_dims),
+            "exp_rms": fit.exp_rms,
             "status": ds["status"],
         },
         attrs={
@@ -161,7 +162,7 @@ def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str,
             out.coords[name] = ds.coords[name]
     out["exp_scale"].attrs["long_name"] = "exposure scale E"
     out["det_scale"].attrs["long_name"] = f"{level.lower()} scale G (count-weighted mean 1)"
-    out["residual"].attrs["long_name"] = "log(background / model)"
+    out["residual"].attrs["long_name"] = "log(background / model); NaN where unusable, kept where clipped"
     out["exp_scale_err"].attrs["long_name"] = "one-sigma uncertainty of exp_scale"
     out["det_scale_err"].attrs["long_name"] = "one-sigma uncertainty of det_scale"
     out["used"].attrs["long_name"] = "cell entered the fit (usable and not clipped)"
@@ -233,8 +234,8 @@ def run(cfg: Config, *, show_progress: bool = True,
     if not output.store:
         raise ValueError("no output store given (output.store / --output)")
     store_path = Path(output.store)
-    staging = prepare_store(store_path, overwrite=output.overwrite)  # refuse early, before any work
-    try:
+    # Entered first, so that an existing store is refused before any work; committed at the block's end.
+    with store_transaction(store_path, overwrite=output.overwrite) as staging:
         camera = load_camera(inp.camera) if inp.camera else None
         if inp.butler:
             files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument)
@@ -247,10 +248,6 @@ def run(cfg: Config, *, show_progress: bool = True,
             sorted(files["physical_filter"].unique())) if output.butler else None
         with cluster() if cluster is not None else contextlib.nullcontext():
             summaries = _read_solve_write(cfg, files, camera, staging, show_progress)
-        commit_store(staging, store_path, overwrite=output.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     scales_yaml = None
     if output.scales_yaml:
         scales_yaml = write_scales_yaml(store_path, output.scales_yaml)
@@ -262,8 +259,6 @@ def run(cfg: Config, *, show_progress: bool = True,
 #: Cells per dask chunk when solving from the store: large enough that a pass over a campaign is a handful
 #: of tasks (each iteration is a round trip), small enough that a task's memory stays modest (~16 MB each).
 SOLVE_CHUNK_CELLS = 2_000_000
-#: What the solver keeps per cell when it persists its inputs: log value and weight (float64), usable (bool).
-SOLVER_BYTES_PER_CELL = 17
 
 
 def _solver_chunks(ds: xr.Dataset) -> xr.Dataset:
@@ -283,7 +278,7 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
     """
     inp, solve = cfg.input, cfg.solve
     tree = read_campaign(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
-    nodes = {name: tree[name].to_dataset() for name in tree.children}
+    nodes = group_datasets(tree)
     extra = {"camera": str(inp.camera)} if inp.camera else {}
     inputs = {name: level_inputs(ds, solve.level).assign_attrs(physical_filter=name, **extra)
               for name, ds in nodes.items()}
@@ -297,10 +292,9 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
     def solve_one(name: str) -> tuple[xr.Dataset, ScaleResult]:
         ds = staged[name]
         found = problems(nodes[name], ds["status"].values)
-        persist = ds["background"].size * SOLVER_BYTES_PER_CELL <= solve.persist_max_mb * 2**20
-        fit = measure_scales(ds["background"], ds["weight"], solve.iterations, tol=solve.tol,
-                             max_iter=solve.max_iter, clip_sigma=solve.clip_sigma, clip_rounds=solve.clip_rounds,
-                             persist=persist)
+        held = memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)
+        fit = solve_dataset(ds, solve.level, **_solver_options(solve),
+                            persist=held <= solve.persist_max_mb * 2**20)
         if not fit.converged:
             log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
                         fit.max_change)

@@ -73,3 +73,49 @@ def test_histogram_counts_used_cells_and_exposure_plot_values():
     line = fig.axes[0].lines[0]
     np.testing.assert_array_equal(line.get_xdata(), out.exposure.values)
     np.testing.assert_allclose(line.get_ydata(), out["exp_scale"].values)
+
+
+def test_histogram_shows_clipped_cells_with_their_residual():
+    tree = simulate_campaign("lsstcam", n_detectors=9, n_exposures=8, filters=("r_57",), seed=5)
+    ds = tree["r_57"].to_dataset()
+    jump = (ds.detector == ds.detector[2]) & (ds.amp == ds.amp[3]) & (ds.exposure >= ds.exposure[5])
+    ds["amp_value"] = ds["amp_value"].where(~jump, ds["amp_value"] * 1.2)  # a gain jump: cells to clip
+    ds["status"] = ds["det_value"].notnull().astype(np.uint8) * 0
+    fit = solve_dataset(ds, "AMP", clip_sigma=5.0)
+    out = scale_dataset(ds, fit, "AMP").load()
+    clipped = fit.clipped.transpose(*out["residual"].dims).values
+    assert clipped.sum() >= 3 and np.isfinite(out["residual"].values[clipped]).all()
+    fig = plot.residual_histogram(out, bins=40)
+    heights = np.array([p.get_height() for p in fig.axes[0].patches])
+    assert heights.size == 80  # used, then left out
+    assert heights[:40].sum() == int(out["used"].sum()) and heights[40:].sum() == clipped.sum()
+    edges = [p.get_x() for p in fig.axes[0].patches[40:]] + [fig.axes[0].patches[-1].get_x()
+                                                             + fig.axes[0].patches[-1].get_width()]
+    counts, _ = np.histogram(out["residual"].values[clipped], bins=np.array(edges))
+    np.testing.assert_array_equal(heights[40:], counts)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        f"used ({int(out['used'].sum())})", f"left out ({clipped.sum()})"]
+
+
+def test_plot_store_uses_the_recorded_config(tmp_path, monkeypatch):
+    from flatnorm_dask.store import StoreError, write_store
+
+    out, _ = solved("DETECTOR", n_detectors=4)
+    config = {"input": {"root": "/data", "pattern": "{exposure}/{detector}.yaml", "camera": "testcam"}}
+    store = write_store(tmp_path / "s.zarr", {"r_57": out}, root_attrs={"config": config})
+    cameras = []
+    real = plot.focal_plane
+
+    def focal_plane(ds, camera=None, **kwargs):
+        cameras.append(camera)  # the simulated detectors are LSSTCam's: draw on that geometry
+        return real(ds, "lsstcam", **kwargs)
+
+    monkeypatch.setattr(plot, "focal_plane", focal_plane)
+    written = plot.plot_store(store, tmp_path / "figures")
+    assert cameras == ["testcam"]
+    assert sorted(p.name for p in written) == [f"r_57_{kind}.png" for kind in
+                                               ("exposure_scales", "focal_plane", "residual_hist", "residual_map")]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+    bad = write_store(tmp_path / "bad.zarr", {"r_57": out}, root_attrs={"config": {"input": {"camera": 7}}})
+    with pytest.raises(StoreError, match=f"^{bad}: config attribute: input.camera: expected a non-empty string"):
+        plot.plot_store(bad, tmp_path / "bad")

@@ -12,40 +12,12 @@ One module per job; this package re-exports their public names.
 - :mod:`~flatnorm_dask.store.export`: ``cpFlatNormScales`` (:func:`export_scales`, :func:`write_scales_yaml`).
 """
 
-from .encoding import append_variables, write_groups, write_store
-from .export import export_scales, write_scales_yaml
-from .read import group_datasets, is_complete, open_store, stored_config
-from .summary import store_summary
-from .transaction import (
-    COMMIT_ATTR,
-    IncompleteStoreError,
-    StoreError,
-    StoreExistsError,
-    abort_store,
-    commit_store,
-    prepare_store,
-    read_commit,
-    store_transaction,
-)
+from . import encoding, export, read, summary, transaction
+from .encoding import *  # noqa: F403
+from .export import *  # noqa: F403
+from .read import *  # noqa: F403
+from .summary import *  # noqa: F403
+from .transaction import *  # noqa: F403
 
-__all__ = [
-    "COMMIT_ATTR",
-    "IncompleteStoreError",
-    "StoreError",
-    "StoreExistsError",
-    "abort_store",
-    "append_variables",
-    "commit_store",
-    "export_scales",
-    "group_datasets",
-    "is_complete",
-    "open_store",
-    "prepare_store",
-    "read_commit",
-    "store_summary",
-    "store_transaction",
-    "stored_config",
-    "write_groups",
-    "write_scales_yaml",
-    "write_store",
-]
+# The public names of the package are those of its modules.
+__all__ = sorted({*transaction.__all__, *encoding.__all__, *read.__all__, *summary.__all__, *export.__all__})

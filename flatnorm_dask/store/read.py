@@ -14,7 +14,7 @@ from .transaction import IncompleteStoreError, StoreError, read_commit
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["group_datasets", "is_complete", "open_store", "stored_config"]
+__all__ = ["group_datasets", "is_complete", "open_store", "open_tree", "stored_config"]
 
 
 def group_datasets(groups: xr.DataTree | Mapping[str, Any]) -> dict[str, xr.Dataset]:

@@ -33,9 +33,10 @@ CONVERGENCE_TOL = 1e-8
 
 #: Per cell, what the solver keeps in memory while it iterates on persisted inputs: the log value and the
 #: weight (float64) and the mask of cells in the fit (bool); a robust fit also keeps each round's weights
-#: (float64) and its clipped mask (bool).  :func:`_solve` persists exactly these.
+#: (float64), its clipped mask (bool) and, while it looks for outliers, the residual (float64).
+#: :func:`_solve` and :func:`_outliers` persist exactly these.
 _HELD_PER_CELL = (np.float64, np.float64, np.bool_)
-_HELD_PER_CELL_CLIPPING = (np.float64, np.bool_)
+_HELD_PER_CELL_CLIPPING = (np.float64, np.bool_, np.float64)
 
 
 @dataclass(frozen=True)
@@ -299,12 +300,12 @@ def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip
     clipped = np.zeros_like(in_fit)  # numpy or dask, like its input
     rounds = 0
     while True:
-        # _HELD_PER_CELL_CLIPPING: each round's weights and clipped mask.
+        # _HELD_PER_CELL_CLIPPING: each round's weights, clipped mask and (in _outliers) residual.
         w = w_all if rounds == 0 else _persisted(np.where(clipped, 0.0, w_all), keep=persist)[0]
         fit = _fit(log_b, w, positive, usable, iterations, tol, max_iter)
         if clip_sigma is None or rounds == clip_rounds:
             break
-        new = _outliers(fit, w_all, in_fit, clip_sigma)
+        new = _outliers(fit, w_all, in_fit, clip_sigma, persist)
         (changed,) = _compute((new != clipped).sum())
         if not changed:
             break
@@ -405,7 +406,7 @@ def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
     )
 
 
-def _outliers(fit: ScaleResult, w_all, in_fit, k: float):
+def _outliers(fit: ScaleResult, w_all, in_fit, k: float, persist: bool):
     """Cells of the fit whose weight-normalised residual is beyond k robust sigmas of the used cells'.
 
     The residuals are first median-polished (exposure medians, then row medians, over used cells, twice): a
@@ -413,8 +414,10 @@ def _outliers(fit: ScaleResult, w_all, in_fit, k: float):
     cells, or one measured against a biased exposure, would see all its cells rejected, then stay rejected.
     """
     used = fit.used
+    # Evaluated some twenty times below: held in memory rather than recomputed from the input each time.
+    (residual,) = _persisted(fit.residual, keep=persist)
     # Rows and exposures with no used cell get zeros, not all-NaN slices (which warn in worker tasks).
-    masked = np.where(used, fit.residual, np.nan)
+    masked = np.where(used, residual, np.nan)
     masked = np.where(_like(fit.filled_rows, w_all, 0)[:, None] | _like(fit.empty_exposures, w_all, 1)[None, :],
                       0.0, masked)
     row_offset, exp_offset = np.zeros(fit.filled_rows.shape), np.zeros(fit.empty_exposures.shape)
@@ -427,7 +430,7 @@ def _outliers(fit: ScaleResult, w_all, in_fit, k: float):
         exp_offset = exp_offset + step
         (step,) = _compute(_nanmedian(less_offsets(masked), axis=1))
         row_offset = row_offset + step
-    polished = less_offsets(fit.residual)
+    polished = less_offsets(residual)
     (mean_w,) = _compute(w_all.sum() / in_fit.sum())
     # Scaled so that cells of typical weight keep their residual: a cell with fewer pixels is noisier.
     z = polished * np.sqrt(w_all / float(mean_w))

@@ -271,15 +271,8 @@ def test_leftover_staging_is_reported_not_removed(tmp_path, caplog):
     assert old.is_dir() and "staging" in caplog.text and old.name in caplog.text
 
 
-@pytest.fixture(scope="module")
-def client():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
-            as cluster, distributed.Client(cluster) as c:
-        yield c
-
-
-def test_distributed_write_from_workers_and_rerun_identical(tmp_path, client):
+def test_distributed_write_from_workers_and_rerun_identical(tmp_path, dask_client):
+    client = dask_client  # the session's shared two-worker cluster
     # Irregular dask chunks (as ingest batches give) must be aligned to zarr chunks, not refused.
     ds = make_group(n_det=6, n_exp=9, seed=5).chunk({"detector": (2, 3, 1), "exposure": (4, 4, 1)})
     ds["model"] = ds["model"] * 1.0  # a lazy derived variable, computed during the write

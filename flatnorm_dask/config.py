@@ -238,7 +238,8 @@ class SolveConfig:
     persist_max_mb: int = _option(
         2048, "int", "Largest size (MB) of one filter's solver inputs held in the workers' memory for the "
         "iterations.",
-        "The inputs are the log values, weights and usable mask: 17 bytes a cell.  A larger filter is read "
+        "Their size is flatnorm_dask.solver.memory_bytes(shape): 17 bytes a cell, 34 with clip_sigma.  A larger "
+        "filter is read "
         "from the store's chunks at every pass instead (about 3x slower, but worker memory is then bounded by "
         "the chunk size, not the campaign).  0 = always from the store.",
         minimum=0, metavar="MB")

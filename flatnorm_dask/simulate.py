@@ -11,6 +11,9 @@ The model, per filter, amplifier (d, a) and exposure e::
     true_det_scale    ~ vignetting(x, y) * sensor response[d, a] / gain[d, a]
 
 so the structure between amplifiers is the camera's real gain pattern (ADU = electrons / gain).
+
+Two campaigns of one camera share ``seed`` (the camera and its illumination) and differ in ``noise_seed`` (the
+lamp, the masked cells, the noise); ``gain_change`` plants a change of chosen amplifiers' gains between them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import csv
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,8 @@ def simulate_campaign(
     nan_amp_fraction: float = 0.002,
     dead_detector: bool = True,
     day_obs: int = 20251120,
+    noise_seed: int | None = None,
+    gain_change: Mapping[tuple[int, str], float] | None = None,
 ) -> xr.DataTree:
     """Simulate the flat statistics of a campaign, with the truth they were drawn from.
 
@@ -108,7 +113,8 @@ def simulate_campaign(
     filters : sequence of str
         Physical filters, e.g. ``LSSTCAM_FILTERS``; the band is the part before ``_``.
     seed : int
-        Seed; the same arguments give identical results.
+        Seed; the same arguments give identical results.  It draws the camera (sensor responses, masked-pixel
+        fractions, the dead detector) and each filter's illumination, and by default the realisation too.
     noise : float
         Sigma of the multiplicative log-normal noise of each amplifier value.
     nan_amp_fraction : float
@@ -119,6 +125,13 @@ def simulate_campaign(
         exposure.
     day_obs : int
         Observing day (YYYYMMDD) of the exposure ids.
+    noise_seed : int, optional
+        Seed of the realisation: the lamp drift, the pixels clipped per exposure, the masked cells and the
+        noise.  None (default) or ``seed`` keeps the realisation of ``seed`` alone; another value keeps the
+        camera and the illumination of ``seed`` and draws a new realisation (another campaign of the camera).
+    gain_change : mapping of (int, str) to float, optional
+        ``{(detector id, amplifier name): factor}``: multiply those amplifiers' gains by ``factor`` (a gain
+        jump between campaigns).  Their ADU level, hence their true scale, divides by it.
 
     Returns
     -------
@@ -130,17 +143,21 @@ def simulate_campaign(
           mean, pooled standard deviation and total count of the finite amplifiers;
         - truth: ``true_exp_scale`` (exposure; ADU), ``true_det_scale`` (detector, amp; count-weighted
           mean 1 over the cells with data), ``true_response`` (detector, amp; relative illumination x
-          sensor response in electrons, so ``true_det_scale ∝ true_response / gain``) and ``gain``;
+          sensor response in electrons, so ``true_det_scale ∝ true_response / gain``) and ``gain`` (with
+          ``gain_change`` applied);
         - coords ``detector`` (int), ``amp`` (names), ``exposure`` (``day_obs * 100000 + seq``, sequence
           numbers distinct across filters) and non-index ``obs_id``, ``seq_num`` (exposure),
           ``detector_name``, ``detector_type`` (detector).
 
-        Attributes record the inputs, ``physical_filter`` and the ``dead_detector`` id (-1 if none).
+        Attributes record the inputs (``gain_change`` as ``[detector, amp, factor]`` triples),
+        ``physical_filter`` and the ``dead_detector`` id (-1 if none).
     """
     cam = camera if isinstance(camera, Camera) else load_camera(camera)
     if n_detectors is not None:
         cam = cam.subset(n_detectors)
     filters = _check_inputs(filters, n_exposures, seed, noise, nan_amp_fraction, day_obs)
+    noise_seed = seed if noise_seed is None else _check_seed(noise_seed, "noise_seed")
+    gain = _changed_gains(cam, gain_change or {})
 
     n_det, n_amp = cam.n_detector, cam.n_amp
     # Camera-level truth, shared by all filters: sensor response, masked-pixel fractions, the dead CCD.
@@ -155,9 +172,10 @@ def simulate_campaign(
     radius = np.hypot(amp_x, amp_y)
     is_itl = np.asarray(cam.detector_type) == "ITL"
 
-    common = {"camera": cam.name, "seed": int(seed), "day_obs": int(day_obs), "noise": float(noise),
-              "nan_amp_fraction": float(nan_amp_fraction),
-              "dead_detector": int(cam.detector[dead]) if dead >= 0 else -1}
+    common = {"camera": cam.name, "seed": int(seed), "noise_seed": int(noise_seed), "day_obs": int(day_obs),
+              "noise": float(noise), "nan_amp_fraction": float(nan_amp_fraction),
+              "dead_detector": int(cam.detector[dead]) if dead >= 0 else -1,
+              "gain_change": [[int(d), str(a), float(f)] for (d, a), f in (gain_change or {}).items()]}
     children: dict[str, xr.Dataset] = {}
     for k, physical_filter in enumerate(filters):
         band = _band(physical_filter)
@@ -166,6 +184,8 @@ def simulate_campaign(
 
         # Illumination: radial vignetting and a 1 % projector gradient in a filter-dependent direction.
         angle = rng.uniform(0.0, 2 * np.pi)
+        if noise_seed != seed:  # the rest is the realisation; with noise_seed == seed it continues the stream
+            rng = _rng(noise_seed, "realisation", physical_filter)
         tilt = 1.0 + 0.01 * (amp_x * np.cos(angle) + amp_y * np.sin(angle)) / 300.0
         qe = np.where(is_itl, _ITL_RELATIVE.get(band, 1.0), 1.0)
         response = _vignetting(radius) * tilt * (qe * det_response)[:, None] * amp_response
@@ -192,12 +212,12 @@ def simulate_campaign(
             masked.flat[rng.choice(live, size=n_nan, replace=False)] = True
         count[masked] = 0
 
-        det_scale = response / cam.gain
+        det_scale = response / gain
         det_scale /= _weighted_mean(det_scale, count.sum(axis=2))
         value = exp_scale[None, None, :] * det_scale[:, :, None]
         value *= np.exp(noise * rng.standard_normal(value.shape))
-        gain = cam.gain[:, :, None]
-        sigma = np.sqrt(value / gain + (_PRNU * value) ** 2) * np.exp(0.02 * rng.standard_normal(value.shape))
+        sigma = (np.sqrt(value / gain[:, :, None] + (_PRNU * value) ** 2)
+                 * np.exp(0.02 * rng.standard_normal(value.shape)))
         value[masked] = np.nan
         sigma[masked] = 0.0
 
@@ -214,7 +234,7 @@ def simulate_campaign(
                 "true_exp_scale": ("exposure", exp_scale, {"units": "adu"}),
                 "true_det_scale": (("detector", "amp"), det_scale),
                 "true_response": (("detector", "amp"), response),
-                "gain": (("detector", "amp"), cam.gain.copy(), {"units": "electron/adu"}),
+                "gain": (("detector", "amp"), gain.copy(), {"units": "electron/adu"}),
             },
             coords={
                 "detector": cam.detector.copy(),
@@ -248,8 +268,7 @@ def _check_inputs(filters: Sequence[str], n_exposures: int, seed: int, noise: fl
     if n_exposures * len(filters) >= EXPOSURE_MULTIPLIER:
         raise ValueError(f"{n_exposures} exposures x {len(filters)} filters do not fit the 5-digit "
                          "sequence numbers of one day_obs")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_seed(seed, "seed")
     if not (noise >= 0 and math.isfinite(noise)):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     if not 0 <= nan_amp_fraction < 1:
@@ -257,6 +276,35 @@ def _check_inputs(filters: Sequence[str], n_exposures: int, seed: int, noise: fl
     if int(day_obs) != day_obs or not 19000101 <= day_obs <= 99991231:
         raise ValueError(f"day_obs must be an integer YYYYMMDD, got {day_obs!r}")
     return filters
+
+
+def _check_seed(seed: int, name: str) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _changed_gains(cam: Camera, gain_change: Mapping[tuple[int, str], float]) -> np.ndarray:
+    """The camera's gains, with ``{(detector id, amplifier name): factor}`` applied."""
+    gain = cam.gain.copy()
+    rows = {int(d): i for i, d in enumerate(cam.detector)}
+    columns = {name: a for a, name in enumerate(cam.amp_names)}
+    for key, factor in gain_change.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise ValueError(f"gain_change: keys are (detector id, amplifier name) pairs, got {key!r}")
+        detector, amp = key
+        if isinstance(detector, bool) or not isinstance(detector, (int, np.integer)) or int(detector) not in rows:
+            raise ValueError(f"gain_change: detector {detector!r} is not one of the campaign's "
+                             f"{cam.n_detector} detectors of camera {cam.name!r}")
+        if amp not in columns:
+            raise ValueError(f"gain_change: amplifier {amp!r} is not one of camera {cam.name!r}'s "
+                             f"({', '.join(cam.amp_names)})")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float, np.integer, np.floating)) \
+                or not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"gain_change: factor of ({detector}, {amp!r}) must be a finite positive number, "
+                             f"got {factor!r}")
+        gain[rows[int(detector)], columns[amp]] *= float(factor)
+    return gain
 
 
 def _detector_statistics(value: np.ndarray, sigma: np.ndarray,

@@ -95,6 +95,69 @@ def test_deterministic_per_seed():
         assert not np.array_equal(a[name]["amp_value"].values, c[name]["amp_value"].values, equal_nan=True)
 
 
+
+def test_existing_arguments_give_the_campaign_they_gave_before():
+    # tests/data/simulated_testcam_seed7.npz: written by simulate_campaign before noise_seed and gain_change
+    # existed (see data/README.md); the default noise_seed, and noise_seed == seed, reproduce it bit for bit.
+    with np.load(DATA / "simulated_testcam_seed7.npz") as saved:
+        before = {key: saved[key] for key in saved.files}
+    for extra in ({}, {"noise_seed": 7}):
+        tree = simulate_campaign("testcam", n_exposures=3, filters=("g_6", "r_57"), seed=7, nan_amp_fraction=0.05,
+                                 **extra)
+        for key, values in before.items():
+            name, var = key.split("/")
+            np.testing.assert_array_equal(tree[name][var].values, values, err_msg=f"{extra}: {key}")
+        assert tree["g_6"].attrs["noise_seed"] == 7 and tree["g_6"].attrs["gain_change"] == []
+
+
+def test_noise_seed_keeps_the_camera_and_draws_a_new_realisation():
+    a = simulate_campaign("lsstcam", n_detectors=12, n_exposures=5, seed=4)
+    b = simulate_campaign("lsstcam", n_detectors=12, n_exposures=5, seed=4, noise_seed=9)
+    assert a.attrs["dead_detector"] == b.attrs["dead_detector"] and b.attrs["noise_seed"] == 9
+    for name in a.children:
+        ta, tb = a[name].to_dataset(), b[name].to_dataset()
+        # The camera and the illumination are the same: the responses are equal, and G only differs by the
+        # normalisation (a count-weighted mean of one over each campaign's own counts).
+        np.testing.assert_array_equal(ta["true_response"].values, tb["true_response"].values)
+        ratio = (tb["true_det_scale"] / ta["true_det_scale"]).values
+        np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-12)
+        assert ratio.flat[0] != 1.0  # the counts differ, so the normalisation does
+        # The realisation is another: lamp, counts, masked cells and noise.
+        for var in ("true_exp_scale", "amp_count", "amp_value"):
+            assert not np.array_equal(ta[var].values, tb[var].values, equal_nan=True), var
+        masked_a, masked_b = np.isnan(ta["amp_value"].values), np.isnan(tb["amp_value"].values)
+        assert masked_a.sum() == masked_b.sum() and (masked_a != masked_b).any()
+
+
+def test_gain_change_divides_the_planted_amplifiers_scale():
+    a = simulate_campaign("testcam", n_exposures=4, filters=("r_57",), seed=2, nan_amp_fraction=0.0)
+    amps = a["r_57"]["amp"].values
+    change = {(3, str(amps[1])): 1.02, (5, str(amps[6])): 0.97}
+    b = simulate_campaign("testcam", n_exposures=4, filters=("r_57",), seed=2, nan_amp_fraction=0.0,
+                          gain_change=change)
+    ta, tb = a["r_57"].to_dataset(), b["r_57"].to_dataset()
+    expected_gain = ta["gain"].values.copy()
+    for (det, amp), factor in change.items():
+        expected_gain[list(ta.detector.values).index(det), list(amps).index(amp)] *= factor
+    np.testing.assert_array_equal(tb["gain"].values, expected_gain)
+    # Same realisation: every amplifier value moves by the same normalisation but the planted ones, which
+    # also move by 1 / factor (ADU = electrons / gain).
+    ratio = tb["amp_value"].values / ta["amp_value"].values
+    planted = expected_gain / ta["gain"].values
+    live = np.isfinite(ratio).all(axis=2)
+    norm = ratio[live & (planted == 1)].mean()
+    np.testing.assert_allclose(ratio[live], (norm / planted)[live][:, None] * np.ones((1, 4)), rtol=1e-12)
+    assert b.attrs["gain_change"] == [[3, str(amps[1]), 1.02], [5, str(amps[6]), 0.97]]
+    for bad, match in [({(99, "C10"): 1.1}, "detector 99 is not one of the campaign's 9 detectors"),
+                       ({(3, "X"): 1.1}, "amplifier 'X' is not one of camera 'testcam'"),
+                       ({(3, str(amps[0])): 0.0}, f"factor of \\(3, '{amps[0]}'\\) must be a finite positive number, got 0.0"),
+                       ({(3, str(amps[0])): float("nan")}, "factor of .* must be a finite positive number, got nan"),
+                       ({3: 1.1}, "keys are \\(detector id, amplifier name\\) pairs")]:
+        with pytest.raises(ValueError, match=f"^gain_change: {match}"):
+            simulate_campaign("testcam", n_exposures=2, gain_change=bad)
+    with pytest.raises(ValueError, match="^noise_seed must be a non-negative integer"):
+        simulate_campaign("testcam", n_exposures=2, noise_seed=-3)
+
 def test_amplifier_levels_follow_one_over_gain(lsst):
     gain = load_camera("lsstcam").gain[:30]
     for node in lsst.children.values():

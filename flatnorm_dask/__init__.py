@@ -6,6 +6,8 @@ decomposed as ``B = G[detector or amplifier] x E[exposure]``.
 
 from importlib.metadata import PackageNotFoundError, version
 
+# Imported here, not lazily: the submodule of the same name would otherwise shadow the function once imported.
+from .compare import compare
 from .records import normalize, records_to_matrices, scales_dict
 from .solver import ScaleResult, measure_scales, usable_cells
 
@@ -20,6 +22,7 @@ _LAZY = {"read_campaign": "ingest", "read_stats_file": "formats"}
 __all__ = [
     "ScaleResult",
     "__version__",
+    "compare",
     "measure_scales",
     "normalize",
     "read_campaign",

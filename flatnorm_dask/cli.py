@@ -153,6 +153,28 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, comparison_summary
+
+    stores = [args.reference, *args.others]
+    tree = compare(*stores, threshold=args.threshold)
+    print(comparison_summary(tree))
+    if not tree.children:
+        raise ValueError("the stores share no physical filter at the same level: nothing to compare")
+    if args.out:
+        from .plot import plot_comparison
+        from .store import write_store
+
+        out = Path(args.out)
+        target = out / "comparison.zarr"
+        if any(target.resolve() == Path(store).resolve() for store in stores):
+            raise ValueError(f"{target}: is one of the stores compared; choose another --out")
+        print(write_store(target, tree, root_attrs=tree.attrs, overwrite=True))
+        for path in plot_comparison(tree, out):
+            print(path)
+    return 0
+
+
 def _lsstcam_filter(name: str) -> str:
     # Checked when given, not listed as argparse choices: listing them would import the simulator (xarray,
     # pandas) for every command, --help included.
@@ -214,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.set_defaults(func=cmd_plot)
+
+    from .compare import DEFAULT_THRESHOLD
+
+    p = sub.add_parser("compare", help="which detectors' or amplifiers' G moved between stores",
+                       description="Compare the scales G of two or more stores (the first is the reference), per "
+                       "physical filter and row. Exposure scales are not compared: each campaign's E is its own "
+                       "lamp level.")
+    p.add_argument("reference", metavar="A", help="the reference store")
+    p.add_argument("others", nargs="+", metavar="B", help="stores compared with it")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="K",
+                   help=f"flag rows whose G moved by more than K sigma (default {DEFAULT_THRESHOLD:g})")
+    p.add_argument("--out", metavar="DIR", help="write the comparison (DIR/comparison.zarr) and its figures here")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

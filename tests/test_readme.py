@@ -29,3 +29,7 @@ def test_every_python_block_runs(capsys):
     g, true_g = fit.vectorG.values, truth["true_det_scale"].transpose(*fit.vectorG.dims).values
     dead = ~np.isfinite(truth["amp_value"].values).any(axis=-1)  # rows without data get a filled G
     np.testing.assert_allclose(g[~dead], true_g[~dead], rtol=2e-3)
+    # The comparison example: exactly the amplifier whose gain was planted 2 % higher is flagged.
+    example = next(ns for ns in namespaces if "comparison" in ns)
+    flagged = example["flagged"]
+    assert flagged[flagged].index.tolist() == [(4, "C13")] and len(flagged) == 9 * 16

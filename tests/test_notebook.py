@@ -27,7 +27,14 @@ def test_notebook_executes_on_a_demo_store(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # focal plane, exposure scales, residual map, residual histogram for i_39
+    # Focal plane, exposure scales, residual map, residual histogram for i_39; the comparison's ratio map.
+    assert len(images) == 5
     assert all(base64.b64decode(o["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n" for o in images)
     text = "".join(o.get("text", "") for o in outputs)
     assert "i_39: level AMP" in text and "worst rows" in text and "converged=True" in text
+    # The comparison flags exactly the three amplifiers whose gains were planted 2 % higher.
+    assert "  3 row(s) moved beyond 5 sigma:" in text
+    moved = [line.split(":")[0].strip() for line in text.splitlines() if " ratio " in line and "sigma)" in line]
+    assert sorted(moved) == ["R01_S11 C13", "R02_S11 C02", "R03_S02 C17"]
+    table = outputs[-1]["data"]["text/plain"]
+    assert all(name in table for name in ("R01_S11", "R02_S11", "R03_S02", "significance"))

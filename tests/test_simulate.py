@@ -150,7 +150,8 @@ def test_gain_change_divides_the_planted_amplifiers_scale():
     assert b.attrs["gain_change"] == [[3, str(amps[1]), 1.02], [5, str(amps[6]), 0.97]]
     for bad, match in [({(99, "C10"): 1.1}, "detector 99 is not one of the campaign's 9 detectors"),
                        ({(3, "X"): 1.1}, "amplifier 'X' is not one of camera 'testcam'"),
-                       ({(3, str(amps[0])): 0.0}, f"factor of \\(3, '{amps[0]}'\\) must be a finite positive number, got 0.0"),
+                       ({(3, str(amps[0])): 0.0},
+                        f"factor of \\(3, '{amps[0]}'\\) must be a finite positive number, got 0.0"),
                        ({(3, str(amps[0])): float("nan")}, "factor of .* must be a finite positive number, got nan"),
                        ({3: 1.1}, "keys are \\(detector id, amplifier name\\) pairs")]:
         with pytest.raises(ValueError, match=f"^gain_change: {match}"):

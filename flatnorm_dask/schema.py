@@ -4,7 +4,9 @@ One home for the key names of a statistics record (``DETECTOR_MEDIAN``, ``AMP_NA
 :class:`StatsRow` a record becomes and the checks on the way (:func:`extract_stats`), the packed channels
 the reading tasks fill (:class:`PackedChannels`), the variables of the Datasets built from them, the LSST
 exposure-id rule (``exposure = day_obs * 100000 + seq_num``, obs_ids such as ``MC_C_20251120_000042``), the
-scaling levels and what a bad file does to a run.  Everything else imports these names.
+names the LSST pipelines give the statistics and the scales (dataset types, the butler's file layout, the
+exposure record fields a run can down-select on), the scaling levels and what a bad file does to a run.
+Everything else imports these names.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ __all__ = [
     "LEVELS",
     "OBS_ID_PATTERN",
     "ON_ERROR",
+    "LEGACY_SCALES_DATASET_TYPE",
+    "LEGACY_STATISTICS_DATASET_TYPE",
     "OPTIONAL_STATS",
     "PackedChannels",
+    "SCALES_DATASET_TYPE",
+    "SELECT_FIELDS",
+    "STATISTICS_DATASET_TYPE",
     "STAT_INDEX",
     "STAT_NAMES",
     "StatsFormatError",
@@ -38,12 +45,14 @@ __all__ = [
     "amp_key",
     "amp_name_key",
     "amplifier_names",
+    "butler_file_pattern",
     "check_level",
     "detector_key",
     "exposure_from_obs_id",
     "exposure_id",
     "extract_stats",
     "format_obs_id",
+    "parse_selection",
     "row_keys",
     "split_exposure",
     "written_keys",
@@ -351,3 +360,64 @@ def format_obs_id(day_obs: int, seq_num: int, prefix: str = LSSTCAM_OBS_ID_PREFI
     """The obs_id of (day_obs, seq_num): ``MC_C_20251120_000042``; it reads back as the same exposure."""
     exposure_id(day_obs, seq_num)  # the same range checks
     return f"{prefix}_{int(day_obs):08d}_{int(seq_num):06d}"
+
+
+# --- LSST pipeline names ----------------------------------------------------------------------------------
+
+#: The statistics' dataset type in the stock cp_pipe pipelines (``pipelines/_ingredients/cpFlat.yaml`` and
+#: ``cpFlatLSST.yaml``, since 2024): written by the flat measurement, read by the normalisation.
+STATISTICS_DATASET_TYPE = "cpFlatStatistics"
+#: The scales' dataset type in the stock pipelines: what the flat combination (``exposureScaling: InputList``)
+#: reads.  Dimensions instrument, physical_filter; one dataset per physical_filter.
+SCALES_DATASET_TYPE = "cpFlatNormalizeScales"
+#: The same two in repositories written by older pipelines (the tasks' own connection names).
+LEGACY_STATISTICS_DATASET_TYPE = "flatStats"
+LEGACY_SCALES_DATASET_TYPE = "cpFlatNormScales"
+
+_BUTLER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+#: Exposure record fields the normalisation task can down-select its inputs on (``doDownSelection``).
+SELECT_FIELDS = ("observation_reason", "observation_type", "science_program", "group")
+
+
+def butler_file_pattern(dataset_type: str = STATISTICS_DATASET_TYPE, instrument: str = "LSSTCam") -> str:
+    """Where a butler's file template puts the per-(exposure, detector) files of ``dataset_type``, as an
+    input pattern (:func:`flatnorm_dask.ingest.discover`): read a repository's files without its registry.
+
+    The butler's default template for datasets with (physical_filter, detector, exposure) dimensions is
+    ``{run}/{datasetType}/{day_obs}/{obs_id}/{datasetType}_{instrument}_{physical_filter}_{obs_id}_`` then
+    ``{detector.full_name}_{run}`` (the run again with '/' as '_'), plus the formatter's extension.
+
+    Raises
+    ------
+    ValueError
+        A name that is not a dataset type or instrument name (letters, digits, ``_``; a letter first).
+    """
+    for what, name in (("dataset type", dataset_type), ("instrument", instrument)):
+        if not _BUTLER_NAME.fullmatch(str(name)):
+            raise ValueError(f"not a {what} name: {name!r}")
+    return (f"{{run}}/{dataset_type}/{{day_obs}}/{{obs_id}}/{dataset_type}_{instrument}_{{physical_filter}}_"
+            "{obs_id}_{detector_name}_{run_name}.yaml")
+
+
+def parse_selection(text: str) -> tuple[str, str]:
+    """A down-selection ``FIELD=VALUE`` as (field, value): keep the exposures whose ``FIELD`` equals ``VALUE``.
+
+    The field is one of :data:`SELECT_FIELDS` (case-insensitive, surrounding spaces ignored); the value is
+    everything after the first ``=``, compared with the exposures' values case-insensitively, as the
+    normalisation task does.
+
+    Raises
+    ------
+    ValueError
+        No ``=``, an unknown field, or an empty value.
+    """
+    name, sep, value = str(text).partition("=")
+    name = name.strip().lower()
+    if not sep:
+        raise ValueError(f"expected FIELD=VALUE, got {text!r}")
+    if name not in SELECT_FIELDS:
+        raise ValueError(f"unknown exposure field {name!r} in {text!r} (choose from {', '.join(SELECT_FIELDS)})")
+    if not value:
+        raise ValueError(f"no value after '=' in {text!r}")
+    return name, value

@@ -34,6 +34,8 @@ from .schema import (
     AMP_VARIABLES,
     DET_VARIABLES,
     EXPOSURE_MULTIPLIER,
+    STATISTICS_DATASET_TYPE,
+    butler_file_pattern,
     exposure_id,
     format_obs_id,
     split_exposure,
@@ -49,8 +51,8 @@ __all__ = [
 ]
 
 LSSTCAM_FILTERS = ("u_24", "g_6", "r_57", "i_39", "z_20", "y_10")
-BUTLER_PATTERN = ("{run}/flatStats/{day_obs}/{obs_id}/"
-                  "flatStats_LSSTCam_{physical_filter}_{obs_id}_{detector_name}_{run_name}.yaml")
+#: Where the butler layout puts the files: the butler's own template for the stock statistics dataset type.
+BUTLER_PATTERN = butler_file_pattern()
 SIMPLE_PATTERN = "{physical_filter}/{exposure}/flatStats_{detector}.yaml"
 
 # Mean flat level in ADU by band: the flat-field projector gives less light in u and y.
@@ -327,11 +329,9 @@ def _detector_statistics(value: np.ndarray, sigma: np.ndarray,
 
 # --- Files on disk ----------------------------------------------------------------------------------
 
-def _check_run(run: str) -> list[str]:
-    parts = run.split("/")
-    if not run or any(p in ("", ".", "..") for p in parts):
+def _check_run(run: str) -> None:
+    if not run or any(p in ("", ".", "..") for p in run.split("/")):
         raise ValueError(f"run must be a relative collection name like 'LSSTCam/runs/flatSim', got {run!r}")
-    return parts
 
 
 def write_campaign(
@@ -341,6 +341,7 @@ def write_campaign(
     layout: str = "butler",
     style: str = "block",
     run: str = "LSSTCam/runs/flatSim",
+    dataset_type: str = STATISTICS_DATASET_TYPE,
 ) -> Path:
     """Write one statistics file per (filter, exposure, detector) of a simulated campaign.
 
@@ -360,6 +361,9 @@ def write_campaign(
         YAML style, see `format_propertylist`.
     run : str
         Butler run collection, for the butler layout.
+    dataset_type : str
+        Dataset type named in the butler layout's paths (:func:`flatnorm_dask.schema.butler_file_pattern`);
+        ``flatStats`` gives the layout of older pipelines' repositories.
 
     Returns
     -------
@@ -371,14 +375,14 @@ def write_campaign(
         raise ValueError(f"layout must be 'butler' or 'simple', got {layout!r}")
     if style not in pl.STYLES:
         raise ValueError(f"style must be 'block' or 'flow', got {style!r}")
-    run_parts = _check_run(run)
+    _check_run(run)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, int, int, str]] = []
     for node_name, node in tree.children.items():
         ds = node.to_dataset()
         physical_filter = str(ds.attrs.get("physical_filter", node_name))
-        rows += _write_filter(ds, outdir, physical_filter, layout, style, run, run_parts)
+        rows += _write_filter(ds, outdir, physical_filter, layout, style, run, dataset_type)
     manifest = outdir / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -398,7 +402,7 @@ def _array_type(values: np.ndarray) -> str | None:
 
 
 def _write_filter(ds: xr.Dataset, outdir: Path, physical_filter: str, layout: str, style: str, run: str,
-                  run_parts: list[str]) -> list[tuple[str, int, int, str]]:
+                  dataset_type: str) -> list[tuple[str, int, int, str]]:
     missing = [v for v in (*DET_VARIABLES.values(), *AMP_VARIABLES.values()) if v not in ds]
     if missing:
         raise ValueError(f"filter {physical_filter!r}: dataset lacks {', '.join(missing)}")
@@ -416,7 +420,10 @@ def _write_filter(ds: xr.Dataset, outdir: Path, physical_filter: str, layout: st
             raise ValueError(f"filter {physical_filter!r}: the butler layout needs a 'detector_name' "
                              "coordinate")
         det_names = [str(n) for n in ds["detector_name"].values]
-        run_name = run.replace("/", "_")
+        pattern = butler_file_pattern(dataset_type)
+        fixed = {"run": run, "run_name": run.replace("/", "_"), "physical_filter": physical_filter}
+    else:
+        pattern, fixed = SIMPLE_PATTERN, {"physical_filter": physical_filter}
 
     # One template per filter when the values have the element types cp_pipe writes (always, for real
     # cameras: counts are 32-bit Ints); otherwise each record goes through format_propertylist, which picks
@@ -435,14 +442,7 @@ def _write_filter(ds: xr.Dataset, outdir: Path, physical_filter: str, layout: st
     rows = []
     made: set[Path] = set()
     for e, exposure in enumerate(exposures):
-        if layout == "butler":
-            rel_dir = "/".join([*run_parts, "flatStats", str(split_exposure(exposure)[0]), obs_ids[e]])
-        else:
-            rel_dir = f"{physical_filter}/{exposure}"
-        directory = outdir / rel_dir
-        if directory not in made:
-            directory.mkdir(parents=True, exist_ok=True)
-            made.add(directory)
+        fields = {**fixed, "exposure": exposure, "day_obs": split_exposure(exposure)[0], "obs_id": obs_ids[e]}
         # One column of values (or texts) per key, each over the detectors.
         det_e = {stat: values[e].tolist() for stat, values in det.items()}
         amp_e = {stat: values[e].tolist() for stat, values in amp.items()}
@@ -455,11 +455,13 @@ def _write_filter(ds: xr.Dataset, outdir: Path, physical_filter: str, layout: st
         else:
             documents = (pl.format_propertylist(dict(zip(names, values)), style) for values in zip(*columns))
         for d, (detector, text) in enumerate(zip(detectors, documents)):
-            if layout == "butler":
-                name = (f"flatStats_LSSTCam_{physical_filter}_{obs_ids[e]}_{det_names[d]}_{run_name}.yaml")
-            else:
-                name = f"flatStats_{detector}.yaml"
-            with open(directory / name, "wb") as f:
+            rel_path = pattern.format(**fields, detector=detector,
+                                      detector_name=det_names[d] if layout == "butler" else "")
+            path = outdir / rel_path
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            with open(path, "wb") as f:
                 f.write(text.encode())
-            rows.append((f"{rel_dir}/{name}", exposure, detector, physical_filter))
+            rows.append((rel_path, exposure, detector, physical_filter))
     return rows

@@ -35,7 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import JOBQUEUE_KINDS, SCHEDULER_NAMES, scheduler_kind
-from .schema import LEVELS, ON_ERROR
+from .schema import (
+    LEGACY_SCALES_DATASET_TYPE,
+    LEGACY_STATISTICS_DATASET_TYPE,
+    LEVELS,
+    ON_ERROR,
+    SCALES_DATASET_TYPE,
+    SELECT_FIELDS,
+    STATISTICS_DATASET_TYPE,
+    butler_file_pattern,
+    parse_selection,
+)
 
 __all__ = [
     "OPTIONS",
@@ -64,7 +74,7 @@ class ConfigError(ValueError):
 
 #: How a value of each kind is shown on the command line when an option names no metavar.
 _METAVARS = {"str": "TEXT", "path": "PATH", "strlist": "A[,B]", "int": "N", "float": "X", "bool": None,
-             "memory": "SIZE", "scheduler": "ADDRESS"}
+             "memory": "SIZE", "scheduler": "ADDRESS", "selection": "FIELD=VALUE"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ class Option:
     otherwise.
     """
 
-    kind: str  # str, path, strlist, choice, bool, int, float, memory, scheduler
+    kind: str  # str, path, strlist, choice, bool, int, float, memory, scheduler, selection
     summary: str
     details: str = ""
     nullable: bool = False
@@ -128,7 +138,7 @@ class Option:
                     return number(text)
                 except ValueError:
                     pass
-        return text  # float (a string is accepted as a number), choice, str, path, strlist, scheduler
+        return text  # float (a string is accepted as a number), choice, str, path, strlist, scheduler, selection
 
 
 def _option(default: Any, kind: str, summary: str, details: str = "", **rule: Any) -> Any:
@@ -141,7 +151,7 @@ class InputConfig:
     """Where the statistics files are and how to read them."""
 
     root: str | None = _option(
-        None, "path", "Directory holding the statistics files (flatStats).",
+        None, "path", "Directory holding the statistics files.",
         "The pattern is matched below it, and relative manifest paths start here (default for a manifest: the "
         "manifest's own directory).",
         nullable=True, flag="--input", metavar="DIR")
@@ -152,14 +162,15 @@ class InputConfig:
         "Exposure ids follow LSST's rule, exposure = day_obs x 100000 + seq_num, with day_obs and seq_num read "
         "from an obs_id such as MC_C_20251120_000042 (-> 2025112000042); a {detector_name} such as R22_S11 "
         "becomes the detector id through the camera below.  So a butler repository's own files are read "
-        "without its registry, e.g. for LSSTCam (see configs/lsstcam.yaml):\n"
-        "  {run}/flatStats/{day_obs}/{obs_id}/flatStats_LSSTCam_{physical_filter}_{obs_id}_{detector_name}_"
-        "{run_name}.yaml\n"
-        "Give pattern or manifest (or butler), not two of them.",
+        f"without its registry, e.g. LSSTCam's {STATISTICS_DATASET_TYPE} (see configs/lsstcam.yaml):\n"
+        f"  {butler_file_pattern()}\n"
+        f"(a repository of older pipelines has {LEGACY_STATISTICS_DATASET_TYPE} in both places instead of "
+        f"{STATISTICS_DATASET_TYPE}).  Give pattern or manifest (or butler), not two of them.",
         nullable=True, metavar="PATTERN")
     manifest: str | None = _option(
         None, "path", "CSV or Parquet table listing the files instead of a pattern.",
-        "Its columns are path, exposure, detector and optionally physical_filter.",
+        "Its columns are path, exposure, detector, optionally physical_filter and, with select, a column "
+        "named after its field.",
         nullable=True, metavar="FILE")
     camera: str | None = _option(
         "lsstcam", "str", "Camera geometry: a built-in name (lsstcam, testcam) or the path of a camera CSV.",
@@ -189,9 +200,18 @@ class InputConfig:
         "from the first one only.",
         nullable=True, metavar="C[,C2]")
     dataset_type: str = _option(
-        "flatStats", "str", "Dataset type of the statistics in the butler.",
-        "Its dimensions are instrument, exposure, detector.",
+        STATISTICS_DATASET_TYPE, "str", "Dataset type of the statistics in the butler.",
+        f"{STATISTICS_DATASET_TYPE} is the stock cp_pipe pipelines' name; a repository written by older "
+        f"pipelines holds {LEGACY_STATISTICS_DATASET_TYPE}.  Its dimensions include exposure and detector and "
+        "its storage class is PropertyList.",
         metavar="NAME")
+    select: str | None = _option(
+        None, "selection", "Down-select the exposures as cp_pipe's normalisation task does (doDownSelection): "
+        "keep those whose exposure record FIELD equals VALUE, ignoring case.",
+        f"FIELD is one of {', '.join(SELECT_FIELDS)}.  With butler the exposure records give it; with a "
+        "manifest, the column of that name (a pattern gives no such field).  A physical_filter left without "
+        "exposures is not solved; no exposure left at all is an error.  null = every exposure.",
+        nullable=True)
     where: str | None = _option(
         None, "str", "Butler query expression restricting the datasets.",
         'For example "exposure.day_obs = 20251120 AND detector < 9"; null = every dataset of the collections.',
@@ -257,18 +277,28 @@ class OutputConfig:
         False, "bool", "Replace an existing store.",
         "The new store is written beside it and swapped in only once complete.")
     scales_yaml: str | None = _option(
-        None, "path", "Also write the cpFlatNormScales YAML ({filter: {expScale: ..., detScale: ...}}) here.",
-        "null = do not.",
-        nullable=True, metavar="FILE")
+        None, "path", "Also write each physical_filter's scales as the YAML file the flat combination reads: "
+        "a directory that gets PHYSICAL_FILTER.yaml per filter, or one .yaml file when the run has exactly one "
+        "filter.",
+        "Each file holds exactly what one scales dataset holds, {expScale: {detector: {amp: {exposure: E}}}, "
+        "detScale: ...}, as flatnorm export writes it.  A path ending in .yaml or .yml is a file, anything else "
+        "a directory; a .yaml path for a run of several filters is refused before any work.  Exposures without a "
+        "usable cell are left out of expScale (the store lists them).  null = do not.",
+        nullable=True, metavar="DIR|FILE.yaml")
     butler: str | None = _option(
         None, "path", "Also put the scales into this LSST butler repository once the store is written: one "
-        "cpFlatNormScales dataset per physical_filter.",
+        "dataset per physical_filter.",
         "Dimensions instrument, physical_filter; storage class StructuredDataDict, the dataset type registered "
-        "if absent; each holds that filter's part of the scales_yaml structure.  The physical filters must be "
-        "known to its registry.  null = do not.  Needs the butler extra.",
+        "if absent; each holds what scales_yaml writes for that filter.  The physical filters must be known to "
+        "its registry.  null = do not.  Needs the butler extra.",
         nullable=True, flag="--output-butler", metavar="REPO")
+    dataset_type: str = _option(
+        SCALES_DATASET_TYPE, "str", "Dataset type of the scales put into output.butler.",
+        f"{SCALES_DATASET_TYPE} is what the stock cp_pipe pipelines' flat combination reads; older pipelines "
+        f"read {LEGACY_SCALES_DATASET_TYPE}.",
+        flag="--output-dataset-type", metavar="NAME")
     run: str | None = _option(
-        None, "str", "RUN collection the cpFlatNormScales datasets go into (required with output.butler; "
+        None, "str", "RUN collection the scales datasets go into (required with output.butler; "
         "created if absent).",
         "Datasets in a run are never replaced: a run that already holds scales of a filter is refused.",
         nullable=True, flag="--output-run", metavar="RUN")
@@ -549,6 +579,13 @@ def _check_complete(values: dict[str, dict[str, Any]], origin: dict[str, str]) -
             ("output.run", "output.butler")
         raise ConfigError(origin[given], missing, f"required with {given}: output.butler is the repository "
                           "and output.run the new RUN collection the scales are put into")
+    if inp.get("select") is not None and inp.get("butler") is None and inp.get("manifest") is None:
+        raise ConfigError(origin["input.select"], "input.select",
+                          "needs the exposures' records: a butler (input.butler) or a manifest with a column of "
+                          "that name (input.manifest); a pattern gives no such field")
+    if out.get("butler") is None and out.get("dataset_type", SCALES_DATASET_TYPE) != SCALES_DATASET_TYPE:
+        raise ConfigError(origin["output.dataset_type"], "output.dataset_type",
+                          "only applies to a butler repository (output.butler)")
     if out.get("butler") is not None and inp.get("butler") is None and inp.get("instrument") is None:
         raise ConfigError(origin["output.butler"], "input.instrument",
                           "required with output.butler when the inputs are files, not a butler: the "
@@ -619,6 +656,14 @@ def _check(value: Any, rule: Option, key: str, where: str) -> Any:
         if kind == "scheduler":
             return _scheduler(value, key, where)
         return os.path.expanduser(value) if kind == "path" else value
+    if kind == "selection":
+        if not isinstance(value, str):
+            raise ConfigError(where, key, f"expected FIELD=VALUE, got {_kind(value)} {value!r}")
+        try:
+            field_name, wanted = parse_selection(value)
+        except ValueError as err:
+            raise ConfigError(where, key, str(err)) from None
+        return f"{field_name}={wanted}"
     if kind == "strlist":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):

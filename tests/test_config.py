@@ -93,13 +93,16 @@ def test_every_shipped_config_loads_and_round_trips(name, clean_dask_env):
 def test_shipped_configs_say_what_they_promise(clean_dask_env):
     lsst = load_config(CONFIGS / "lsstcam.yaml")
     assert (lsst.solve.level, lsst.input.camera, lsst.solve.tol) == ("AMP", "lsstcam", 1e-10)
-    assert lsst.input.pattern == ("{run}/flatStats/{day_obs}/{obs_id}/flatStats_LSSTCam_{physical_filter}_"
-                                  "{obs_id}_{detector_name}_{run_name}.yaml")
+    # The butler's template for the stock pipelines' statistics (spelled out here, not built by our code).
+    stock = ("{run}/cpFlatStatistics/{day_obs}/{obs_id}/cpFlatStatistics_LSSTCam_{physical_filter}_"
+             "{obs_id}_{detector_name}_{run_name}.yaml")
+    assert lsst.input.pattern == stock
     test = load_config(CONFIGS / "testcam.yaml")
     assert (test.solve.level, test.input.camera) == ("DETECTOR", "testcam")
     assert test.input.pattern == "{physical_filter}/{exposure}/flatStats_{detector}.yaml"
     slurm = load_config(CONFIGS / "slurm.yaml")
     assert (slurm.cluster.scheduler, slurm.cluster.n_workers, slurm.cluster.wait_timeout) == ("slurm", 4, 1800)
+    assert slurm.input.pattern == stock
     for key in ("cores", "memory", "walltime", "queue"):
         assert f"jobqueue.slurm.{key}" in slurm.dask_settings()
     assert not [key for key in slurm.dask_settings() if key.startswith("flatnorm")]  # no round trip
@@ -286,6 +289,7 @@ def sample(opt):
         "float": ("0.25", 0.25),
         "memory": ("3GiB", "3GiB"),
         "scheduler": ("tcp://127.0.0.1:8786", "tcp://127.0.0.1:8786"),
+        "selection": ("Observation_Reason=Flat", "observation_reason=Flat"),  # the field's canonical spelling
     }.get(opt.kind, (None, None))
     if opt.kind == "choice":
         text, value = opt.choices[-1].swapcase(), opt.choices[-1]  # case-insensitive, canonical spelling kept
@@ -296,7 +300,7 @@ def sample(opt):
 
 
 # Options that cannot be set together (one way of finding inputs; iterations or tol): three command lines.
-BUTLER_ONLY = {"input.butler", "input.collections", "input.where", "solve.tol"}
+BUTLER_ONLY = {"input.butler", "input.collections", "input.where", "input.select", "solve.tol"}
 GROUPS = [set(OPTIONS) - BUTLER_ONLY - {"input.manifest"}, BUTLER_ONLY, {"input.manifest"}]
 
 

@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .schema import SCALES_DATASET_TYPE
     from .simulate import BUTLER_PATTERN, simulate_campaign, write_campaign
 
     workdir = Path(args.workdir)
@@ -103,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, {
         "input.root": str(inputs), "input.pattern": BUTLER_PATTERN, "input.camera": "lsstcam",
         "output.store": str(workdir / "scales.zarr"), "output.overwrite": True,
-        "output.scales_yaml": str(workdir / "cpFlatNormScales.yaml")})
+        "output.scales_yaml": str(workdir / SCALES_DATASET_TYPE)})
     summary = _execute(cfg, not args.no_progress)
     print(summary)
     return 0
@@ -141,7 +142,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .store import write_scales_yaml
 
-    print(write_scales_yaml(args.store, args.output))
+    for path in write_scales_yaml(args.store, args.output, args.filter):
+        print(path)
     return 0
 
 
@@ -227,9 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("export", help="store -> cpFlatNormScales YAML")
+    p = sub.add_parser("export", help="store -> one scales YAML file per physical_filter, as the flat "
+                       "combination reads it",
+                       description="Each file holds exactly what one scales dataset of the stock LSST pipelines "
+                       "holds (expScale, detScale); exposures without a usable cell are left out of expScale "
+                       "(flatnorm info lists them).")
     p.add_argument("store")
-    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--output", "-o", required=True, metavar="DIR|FILE.yaml",
+                   help="a directory that gets PHYSICAL_FILTER.yaml per filter, or a .yaml file for one filter "
+                   "(--filter, or a store of one filter)")
+    p.add_argument("--filter", action="append", metavar="PHYSICAL_FILTER",
+                   help="only this filter (repeatable); default every filter of the store")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="store -> PNG figures for every filter")

@@ -26,7 +26,7 @@ from .schema import (
 )
 from .solver import measure_scales
 
-__all__ = ["normalize", "records_to_matrices", "scales_dict"]
+__all__ = ["kept_exposures", "normalize", "records_to_matrices", "scales_dict"]
 
 
 def records_to_matrices(
@@ -110,6 +110,19 @@ def records_to_matrices(
     return values, counts, exposures, detectors, amp_names
 
 
+def kept_exposures(exp_scale: Any) -> np.ndarray:
+    """Which exposures the ``cpFlatNormScales`` structure lists: those whose E is finite and positive.
+
+    The one rule for leaving an exposure out.  An exposure without a usable cell has E NaN; listed, it would
+    make the flat combination divide that flat by NaN.  Left out of ``expScale`` for every detector and
+    amplifier, the combination drops that flat instead (it combines the exposures listed under a detector's
+    first amplifier).
+    """
+    scale = np.asarray(exp_scale, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(scale) & (scale > 0)
+
+
 def scales_dict(
     exposure: Sequence[int],
     detector: Sequence[int],
@@ -134,12 +147,14 @@ def scales_dict(
     -------
     dict
         ``{"expScale": {det: {amp: {exp: E}}}, "detScale": {det: G}}``, or ``{det: {amp: G}}`` for
-        ``detScale`` at amplifier level; plain Python ints, strs and floats.
+        ``detScale`` at amplifier level; plain Python ints, strs and floats.  Exposures that
+        :func:`kept_exposures` leaves out (E not finite) are absent from ``expScale``; every detector given
+        is listed.
     """
-    exposure = [int(e) for e in exposure]
-    exp_scale = [float(v) for v in np.asarray(exp_scale, dtype=float)]
+    exp_scale = np.asarray(exp_scale, dtype=float)
+    kept = kept_exposures(exp_scale)
+    per_exposure = {int(e): float(v) for e, v, keep in zip(exposure, exp_scale, kept, strict=True) if keep}
     det_scale = np.asarray(det_scale, dtype=float)
-    per_exposure = dict(zip(exposure, exp_scale))
     exp_out = {int(d): {str(a): dict(per_exposure) for a in amp_names} for d in detector}
     if det_scale.ndim == 1:
         det_out: dict = {int(d): float(g) for d, g in zip(detector, det_scale)}
@@ -179,7 +194,8 @@ def normalize(
     -------
     dict
         ``{"expScale": {det: {ampName: {exp: float}}}, "detScale": {det: float}}`` at detector level, with
-        ``detScale`` ``{det: {ampName: float}}`` at amplifier level.
+        ``detScale`` ``{det: {ampName: float}}`` at amplifier level.  An exposure without a usable record
+        (E NaN) is left out of ``expScale`` (:func:`kept_exposures`).
 
     Raises
     ------

@@ -32,7 +32,18 @@ def _config_line(cfg: Config) -> str:
                  f"{' where ' + inp.where if inp.where else ''})")
     else:
         where = f"{inp.root} ({inp.pattern or inp.manifest})"
+    if inp.select:
+        where += f", exposures with {inp.select}"
     return f"  config: input {where}, camera {inp.camera}, level {solve.level}, {mode}"
+
+
+def _records(items: list, key: str, most: int) -> list[str]:
+    """Lines for the first ``most`` of a group's ``{key: ..., "reason": ...}`` records, then how many more."""
+    lines = [f"      {item.get(key)}: {item.get('reason')}" if isinstance(item, Mapping) else f"      {item}"
+             for item in items[:most]]
+    if len(items) > most:
+        lines.append(f"      ... and {len(items) - most} more")
+    return lines
 
 
 def store_summary(path: str | os.PathLike, max_problems: int = 5) -> str:
@@ -73,11 +84,9 @@ def store_summary(path: str | os.PathLike, max_problems: int = 5) -> str:
             lines.append(f"    robust fit: {ga.get('n_clipped')} cell(s) clipped in {ga['clip_rounds']} round(s)")
         problems = ga.get("problems") or []
         lines.append(f"    {len(problems)} problem(s)")
-        for item in problems[:max_problems]:
-            if isinstance(item, Mapping):
-                lines.append(f"      {item.get('file')}: {item.get('reason')}")
-            else:
-                lines.append(f"      {item}")
-        if len(problems) > max_problems:
-            lines.append(f"      ... and {len(problems) - max_problems} more")
+        lines += _records(problems, "file", max_problems)
+        left_out = ga.get("exposures_left_out") or []
+        if left_out:
+            lines.append(f"    {len(left_out)} exposure(s) left out of expScale (E not finite)")
+            lines += _records(left_out, "exposure", max_problems)
     return "\n".join(lines)

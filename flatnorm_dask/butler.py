@@ -1,16 +1,19 @@
-"""LSST data repositories: find ``flatStats`` inputs through a butler registry, put ``cpFlatNormScales`` back.
+"""LSST data repositories: find the statistics inputs through a butler registry, put the scales back.
 
 Optional: needs ``lsst-daf-butler`` (``pip install 'flatnorm-dask[butler]'``), imported only inside the
-functions here, so the rest of the package works without it.
+functions here, so the rest of the package works without it.  The dataset types default to the stock
+cp_pipe pipelines' names (:data:`~flatnorm_dask.schema.STATISTICS_DATASET_TYPE` in,
+:data:`~flatnorm_dask.schema.SCALES_DATASET_TYPE` out).
 
 - :func:`find_inputs` asks the registry for the statistics datasets of some collections and returns the same
   file table as :func:`flatnorm_dask.ingest.discover` (``path, exposure, detector, physical_filter``), with
   the ids taken from the data ids and the paths from the datastore (local files as plain paths, remote ones
-  as URIs that :func:`flatnorm_dask.formats.read_stats_file` reads through ``lsst.resources``).  The files are
-  then read by our own parser in the usual batched Dask tasks; the butler never reads them.
+  as URIs that :func:`flatnorm_dask.formats.read_stats_file` reads through ``lsst.resources``), and, when
+  asked, exposure record fields to down-select on.  The files are then read by our own parser in the usual
+  batched Dask tasks; the butler never reads them.
 - :class:`ScalesOutput` checks an output repository before the run and, once the Zarr store is committed,
-  puts one ``cpFlatNormScales`` dataset per physical_filter (dimensions instrument, physical_filter; storage
-  class ``StructuredDataDict``), the structure :func:`flatnorm_dask.store.export_scales` gives.
+  puts one scales dataset per physical_filter (dimensions instrument, physical_filter; storage class
+  ``StructuredDataDict``), the structure :func:`flatnorm_dask.store.export_scales` gives.
 
 Collections are searched in order and only the first dataset of each data id is used (``find_first``): with
 a CHAINED collection, or several collections, an id present in two runs comes from the first one listed.
@@ -27,23 +30,29 @@ import numpy as np
 import pandas as pd
 
 from ._text import one_line
+from .config import OPTIONS
 from .ingest import IngestError
+from .schema import SCALES_DATASET_TYPE, STATISTICS_DATASET_TYPE
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "OUTPUT_DATASET_TYPE",
     "OUTPUT_DIMENSIONS",
     "OUTPUT_STORAGE_CLASS",
+    "STATISTICS_STORAGE_CLASS",
     "ButlerError",
     "ButlerUnavailableError",
     "ScalesOutput",
     "find_inputs",
 ]
 
-OUTPUT_DATASET_TYPE = "cpFlatNormScales"
 OUTPUT_DIMENSIONS = ("instrument", "physical_filter")
 OUTPUT_STORAGE_CLASS = "StructuredDataDict"
+#: The storage class of the statistics (the files our parser reads); with exposure and detector dimensions,
+#: what makes a dataset type look like statistics when the asked one is not there.
+STATISTICS_STORAGE_CLASS = "PropertyList"
+#: The dimensions a statistics dataset type must have.
+_STATISTICS_DIMENSIONS = ("exposure", "detector")
 _INSTALL = "pip install 'flatnorm-dask[butler]'"
 
 
@@ -81,8 +90,9 @@ def _path_of(uri) -> str:
     return str(uri)
 
 
-def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, dataset_type: str = "flatStats",
-                where: str | None = None, instrument: str | None = None) -> pd.DataFrame:
+def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str,
+                dataset_type: str = STATISTICS_DATASET_TYPE, where: str | None = None,
+                instrument: str | None = None, exposure_fields: Sequence[str] = ()) -> pd.DataFrame:
     """The input file table of the statistics datasets in a butler repository.
 
     Parameters
@@ -93,26 +103,32 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, datas
         Collections searched in order (RUN or CHAINED collections; no wildcards): for a data id found in
         several, the first one wins.
     dataset_type : str
-        Dataset type of the statistics; it must have ``exposure`` and ``detector`` dimensions.
+        Dataset type of the statistics; it must have ``exposure`` and ``detector`` dimensions.  The stock
+        pipelines' name by default; repositories of older pipelines hold ``flatStats``.
     where : str, optional
         Butler query expression, e.g. ``"exposure.day_obs = 20251120 AND detector < 100"``.
     instrument : str, optional
         Only this instrument's datasets (also lets ``where`` name instrument-dependent dimensions).  Needed
         when the collections hold datasets of several instruments.
+    exposure_fields : sequence of str
+        Exposure record fields (e.g. ``observation_reason``) to add as columns, for
+        :func:`flatnorm_dask.ingest.select_files`.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``path, exposure, detector, physical_filter`` sorted as :func:`~flatnorm_dask.ingest.discover`
-        sorts them; ``attrs["instrument"]`` is the instrument of the data ids.
+        Columns ``path, exposure, detector, physical_filter`` and ``exposure_fields``, sorted as
+        :func:`~flatnorm_dask.ingest.discover` sorts them; ``attrs["instrument"]`` is the instrument of the
+        data ids.
 
     Raises
     ------
     ButlerUnavailableError
         lsst-daf-butler is not installed.
     ButlerError, IngestError
-        The repository, a collection or the dataset type does not exist, the query is invalid or finds
-        nothing, or the datasets belong to several instruments.
+        The repository, a collection or the dataset type does not exist (the message lists the
+        statistics-like dataset types the collections hold), the query is invalid or finds nothing, or the
+        datasets belong to several instruments.
     """
     repo = os.fspath(repo)
     collections = [collections] if isinstance(collections, str) else list(collections)
@@ -123,8 +139,9 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, datas
     try:
         dtype = butler.get_dataset_type(dataset_type)
     except daf_butler.MissingDatasetTypeError:
-        raise ButlerError(f"{repo}: dataset type {dataset_type!r} is not registered in the repository") from None
-    missing = [d for d in ("exposure", "detector") if d not in dtype.dimensions.names]
+        raise ButlerError(f"{repo}: dataset type {dataset_type!r} is not registered in the repository"
+                          f"{_statistics_hint(butler, collections)}") from None
+    missing = [d for d in _STATISTICS_DIMENSIONS if d not in dtype.dimensions.names]
     if missing:
         raise ButlerError(f"{repo}: dataset type {dataset_type!r} has dimensions "
                           f"{sorted(dtype.dimensions.names)}, without {', '.join(missing)}")
@@ -134,17 +151,23 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, datas
         names = [r.name for r in butler.registry.queryDimensionRecords("instrument")]
         instrument = names[0] if len(names) == 1 else None
     kwargs = {"instrument": instrument} if instrument else {}
-    what = f"{dataset_type} datasets in collection(s) {', '.join(collections)}" + (f" where {where}" if where else "")
+    held = f"{dataset_type} datasets in collection(s) {', '.join(collections)}"
+    what = held + (f" where {where}" if where else "")
     try:
         refs = butler.query_datasets(dataset_type, collections=collections, find_first=True, where=where or "",
-                                     limit=None, explain=False, **kwargs)
+                                     with_dimension_records=bool(exposure_fields), limit=None, explain=False,
+                                     **kwargs)
     except Exception as err:  # MissingCollectionError, InvalidQueryError (bad where), DataIdValueError ...
         hint = ""
         if "without constraining" in str(err):
             hint = "; give the instrument (--instrument / input.instrument) or add instrument='NAME' to --where"
         raise ButlerError(f"{repo}: cannot query {what}: {one_line(err)}{hint}") from None
     if not refs:
-        raise IngestError(f"{repo}: no {what}" + (f" for instrument {instrument}" if instrument else ""))
+        for_instrument = f" for instrument {instrument}" if instrument else ""
+        if where and butler.query_datasets(dataset_type, collections=collections, find_first=True, limit=1,
+                                           explain=False, **kwargs):
+            raise IngestError(f"{repo}: no {what}{for_instrument}")  # the where clause left nothing
+        raise IngestError(f"{repo}: no {held}{for_instrument}{_statistics_hint(butler, collections)}")
     instruments = sorted({str(ref.dataId["instrument"]) for ref in refs})
     if len(instruments) > 1:
         raise IngestError(f"{repo}: {what} belong to several instruments ({', '.join(instruments)}); choose one "
@@ -165,11 +188,44 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str, datas
         "detector": np.array([ref.dataId["detector"] for ref in refs], dtype=np.int64),
         "physical_filter": [str(ref.dataId["physical_filter"]) for ref in refs],
     })
+    for name in exposure_fields:
+        table[name] = pd.array([_exposure_field(ref, name, repo) for ref in refs], dtype="string")
     table = table.sort_values(["physical_filter", "exposure", "detector", "path"], kind="stable", ignore_index=True)
     table.attrs["instrument"] = instruments[0]
     log.info("%s: %d %s datasets of %s in %s", repo, len(table), dataset_type, instruments[0],
              ", ".join(collections))
     return table
+
+
+def _exposure_field(ref, name: str, repo: str) -> str | None:
+    """A field of the exposure record of an expanded data id (None when the record leaves it empty)."""
+    record = ref.dataId.records["exposure"]
+    try:
+        value = getattr(record, name)
+    except AttributeError:
+        raise ButlerError(f"{repo}: exposure records have no field {name!r}") from None
+    return None if value is None else str(value)
+
+
+def _statistics_hint(butler, collections: list[str]) -> str:
+    """'; statistics-like dataset types there: ...' for an error message: the dataset types the collections
+    hold that have exposure and detector dimensions and the statistics' storage class."""
+    flag = OPTIONS["input.dataset_type"].flag
+    try:
+        infos = butler.collections.query_info(collections, include_summary=True)
+        names = sorted({name for info in infos for name in (info.dataset_types or ())})
+        found = []
+        for name in names:
+            dtype = butler.get_dataset_type(name)
+            if (dtype.storageClass_name == STATISTICS_STORAGE_CLASS
+                    and all(d in dtype.dimensions.names for d in _STATISTICS_DIMENSIONS)):
+                found.append(name)
+    except Exception:  # e.g. a collection that does not exist: the query's own error says so
+        return ""
+    if not found:
+        return (f"; the collections hold no statistics-like dataset type (dimensions exposure and detector, "
+                f"storage class {STATISTICS_STORAGE_CLASS})")
+    return f"; statistics-like dataset types there: {', '.join(found)} (choose with {flag} NAME)"
 
 
 @dataclass
@@ -180,16 +236,17 @@ class ScalesOutput:
     run: str
     instrument: str
     filters: list[str]
+    dataset_type: str = SCALES_DATASET_TYPE
 
     @classmethod
-    def prepare(cls, repo: str | os.PathLike, run: str, instrument: str | None,
-                filters: Sequence[str]) -> ScalesOutput:
+    def prepare(cls, repo: str | os.PathLike, run: str, instrument: str | None, filters: Sequence[str],
+                dataset_type: str = SCALES_DATASET_TYPE) -> ScalesOutput:
         """Open the output repository and check that the run can take a dataset for every filter.
 
-        Checked: the repository opens for writing; an existing ``cpFlatNormScales`` dataset type has the
-        expected dimensions and storage class; every (instrument, physical_filter) is known to the registry;
-        ``run``, if it exists, is a RUN collection without ``cpFlatNormScales`` of these filters (datasets in
-        a run are never replaced: choose a new run).  Nothing is written.
+        Checked: the repository opens for writing; an existing ``dataset_type`` has the expected dimensions
+        and storage class; every (instrument, physical_filter) is known to the registry; ``run``, if it
+        exists, is a RUN collection without ``dataset_type`` datasets of these filters (datasets in a run are
+        never replaced: choose a new run).  Nothing is written.
         """
         repo = os.fspath(repo)
         if not instrument:
@@ -198,11 +255,11 @@ class ScalesOutput:
         butler = _open(repo, writeable=True)
         daf_butler = _daf_butler()
         try:
-            existing = butler.get_dataset_type(OUTPUT_DATASET_TYPE)
+            existing = butler.get_dataset_type(dataset_type)
         except daf_butler.MissingDatasetTypeError:
             existing = None
         if existing is not None:
-            wanted = _output_dataset_type(butler)
+            wanted = _output_dataset_type(butler, dataset_type)
             if not existing.is_compatible_with(wanted):
                 raise ButlerError(f"{repo}: dataset type {existing} is registered differently from what is "
                                   f"written here ({wanted})")
@@ -221,38 +278,38 @@ class ScalesOutput:
                 raise ButlerError(f"{repo}: output run {run!r} exists and is a {kind.name} collection, not a RUN")
             if existing is not None:
                 taken = [name for name in filters
-                         if butler.find_dataset(OUTPUT_DATASET_TYPE, collections=run, instrument=instrument,
+                         if butler.find_dataset(dataset_type, collections=run, instrument=instrument,
                                                 physical_filter=name) is not None]
                 if taken:
-                    raise ButlerError(f"{repo}: run {run!r} already holds {OUTPUT_DATASET_TYPE} for "
+                    raise ButlerError(f"{repo}: run {run!r} already holds {dataset_type} for "
                                       f"{', '.join(taken)}; choose a new --output-run")
         # Not kept open: a database connection may not survive hours of solving.
-        return cls(repo=repo, run=run, instrument=instrument, filters=list(filters))
+        return cls(repo=repo, run=run, instrument=instrument, filters=list(filters), dataset_type=dataset_type)
 
     def put(self, store: str | os.PathLike) -> list[str]:
         """Put every filter's scales of a committed store; all or nothing (one registry transaction).
 
-        Registers the ``cpFlatNormScales`` dataset type and the run when absent.  Returns one line per
-        dataset written.
+        Each dataset holds :func:`flatnorm_dask.store.export_scales` of its filter: exposures without a
+        usable cell are left out of ``expScale``.  Registers the dataset type and the run when absent.
+        Returns one line per dataset written.
         """
         from .store import export_scales
 
         scales = export_scales(store)
         butler = _open(self.repo, writeable=True)
-        butler.registry.registerDatasetType(_output_dataset_type(butler))
+        butler.registry.registerDatasetType(_output_dataset_type(butler, self.dataset_type))
         butler.registry.registerRun(self.run)
         written = []
         with butler.transaction():
             for name, value in scales.items():
-                ref = butler.put(value, OUTPUT_DATASET_TYPE, run=self.run, instrument=self.instrument,
+                ref = butler.put(value, self.dataset_type, run=self.run, instrument=self.instrument,
                                  physical_filter=name)
-                written.append(f"{OUTPUT_DATASET_TYPE} {self.instrument} {name} -> {self.repo} run {self.run} "
+                written.append(f"{self.dataset_type} {self.instrument} {name} -> {self.repo} run {self.run} "
                                f"({ref.id})")
-        log.info("put %d %s dataset(s) into %s run %s", len(written), OUTPUT_DATASET_TYPE, self.repo, self.run)
+        log.info("put %d %s dataset(s) into %s run %s", len(written), self.dataset_type, self.repo, self.run)
         return written
 
 
-def _output_dataset_type(butler):
+def _output_dataset_type(butler, name: str):
     daf_butler = _daf_butler()
-    return daf_butler.DatasetType(OUTPUT_DATASET_TYPE, OUTPUT_DIMENSIONS, OUTPUT_STORAGE_CLASS,
-                                  universe=butler.dimensions)
+    return daf_butler.DatasetType(name, OUTPUT_DIMENSIONS, OUTPUT_STORAGE_CLASS, universe=butler.dimensions)

@@ -44,6 +44,7 @@ __all__ = [
     "discover",
     "problems",
     "read_campaign",
+    "select_files",
     "solver_inputs",
 ]
 
@@ -143,6 +144,7 @@ def discover(
     pattern: str | None = None,
     manifest: str | os.PathLike | None = None,
     camera: Any = None,
+    columns: Sequence[str] = (),
 ) -> pd.DataFrame:
     """List the input files with their data ids.
 
@@ -160,19 +162,24 @@ def discover(
         CSV or Parquet file with columns ``path, exposure, detector[, physical_filter]``.
     camera : Camera, optional
         Needed for ``{detector_name}`` fields.
+    columns : sequence of str
+        Further manifest columns to keep (as strings), such as the exposure field of a down-selection
+        (:func:`select_files`); a pattern has none.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``path`` (absolute), ``exposure``, ``detector``, ``physical_filter``, sorted.
+        Columns ``path`` (absolute), ``exposure``, ``detector``, ``physical_filter`` and ``columns``, sorted.
     """
     if (pattern is None) == (manifest is None):
         raise IngestError("give exactly one of a pattern (with a root directory) or a manifest")
     if manifest is not None:
-        table = _read_manifest(Path(manifest), root)
+        table = _read_manifest(Path(manifest), root, tuple(columns))
     else:
         if root is None:
             raise IngestError("a pattern needs a root directory")
+        if columns:
+            raise IngestError(f"a pattern gives no column {', '.join(columns)}: list the files in a manifest")
         table = _scan(Path(root), pattern, camera)
     return table.sort_values(["physical_filter", "exposure", "detector", "path"], kind="stable",
                              ignore_index=True)
@@ -198,15 +205,15 @@ def _scan(root: Path, pattern: str, camera: Any) -> pd.DataFrame:
     return _ids_from_fields(pd.DataFrame(rows), camera, str(root))
 
 
-def _read_manifest(path: Path, root: str | os.PathLike | None) -> pd.DataFrame:
+def _read_manifest(path: Path, root: str | os.PathLike | None, columns: tuple[str, ...] = ()) -> pd.DataFrame:
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             table = pd.read_parquet(path)
         else:
-            table = pd.read_csv(path, dtype={"path": str, "physical_filter": str})
+            table = pd.read_csv(path, dtype=dict.fromkeys(("path", "physical_filter", *columns), str))
     except (OSError, ValueError, ImportError) as err:
         raise IngestError(f"{path}: cannot read manifest: {err}") from None
-    missing = [c for c in ("path", "exposure", "detector") if c not in table.columns]
+    missing = [c for c in ("path", "exposure", "detector", *columns) if c not in table.columns]
     if missing:
         raise IngestError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
     for column in ("exposure", "detector"):
@@ -220,7 +227,34 @@ def _read_manifest(path: Path, root: str | os.PathLike | None) -> pd.DataFrame:
     if "physical_filter" not in table:
         table["physical_filter"] = DEFAULT_FILTER
     table["physical_filter"] = table["physical_filter"].fillna(DEFAULT_FILTER).astype(str)
-    return table[["path", "exposure", "detector", "physical_filter"]].copy()
+    for column in columns:
+        table[column] = table[column].astype("string")  # an empty cell stays missing, never the text "nan"
+    return table[["path", "exposure", "detector", "physical_filter", *columns]].copy()
+
+
+def select_files(files: pd.DataFrame, field: str, value: str, source: str) -> pd.DataFrame:
+    """The rows of a file table whose exposure ``field`` equals ``value``, compared case-insensitively.
+
+    The down-selection of cp_pipe's normalisation task (``doDownSelection``), on a column named after the
+    exposure record field (:data:`flatnorm_dask.schema.SELECT_FIELDS`): from the butler's exposure records
+    (:func:`flatnorm_dask.butler.find_inputs`) or a manifest (:func:`discover` with ``columns``).  A missing
+    value never matches.
+
+    Raises
+    ------
+    IngestError
+        No such column, or no row left; the message names ``source`` and the values that are there.
+    """
+    if field not in files.columns:
+        raise IngestError(f"{source}: no {field} column to select on")
+    values = files[field].astype("string")
+    keep = (values.str.lower() == value.lower()).fillna(False).to_numpy(dtype=bool)
+    if not keep.any():
+        seen = sorted(values.dropna().unique())
+        shown = ", ".join(repr(v) for v in seen[:10]) + (f" and {len(seen) - 10} more" if len(seen) > 10 else "")
+        raise IngestError(f"{source}: no input exposure has {field} = {value!r} (compared case-insensitively); "
+                          f"{'the values there: ' + shown if seen else 'none has a value'}")
+    return files[keep].reset_index(drop=True)
 
 
 def _probe_amp_names(paths: Sequence[str], on_error: str) -> tuple[str, ...]:

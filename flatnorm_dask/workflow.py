@@ -22,9 +22,18 @@ import xarray as xr
 
 from . import __version__
 from .config import Config, SolveConfig
-from .ingest import discover, problems, read_campaign, solver_inputs
+from .ingest import discover, problems, read_campaign, select_files, solver_inputs
+from .schema import parse_selection
 from .solver import ScaleResult, measure_scales, memory_bytes
-from .store import append_variables, group_datasets, store_transaction, write_groups, write_scales_yaml
+from .store import (
+    append_variables,
+    exposures_left_out,
+    group_datasets,
+    scales_yaml_paths,
+    store_transaction,
+    write_groups,
+    write_scales_yaml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +71,12 @@ class FilterSummary:
 class RunSummary:
     store: Path
     filters: list[FilterSummary]
-    scales_yaml: Path | None = None
+    scales_yaml: list[Path] = field(default_factory=list)
     butler_datasets: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"store: {self.store}"] + [f"  {f}" for f in self.filters]
-        if self.scales_yaml is not None:
-            lines.append(f"cpFlatNormScales: {self.scales_yaml}")
+        lines += [f"scales: {path}" for path in self.scales_yaml]
         lines += [f"butler: {line}" for line in self.butler_datasets]
         return "\n".join(lines)
 
@@ -213,8 +221,9 @@ def run(cfg: Config, *, show_progress: bool = True,
         cluster: Callable[[], contextlib.AbstractContextManager] | None = None) -> RunSummary:
     """Run the whole job described by ``cfg``.
 
-    Reads every file, solves each physical_filter independently (concurrently), writes the Zarr store
-    (commit marker last) and, when configured, the ``cpFlatNormScales`` YAML.
+    Reads every file (the exposures ``input.select`` keeps), solves each physical_filter independently
+    (concurrently), writes the Zarr store (commit marker last) and, when configured, the scales YAML files
+    and the butler's scales datasets.
 
     Parameters
     ----------
@@ -237,20 +246,28 @@ def run(cfg: Config, *, show_progress: bool = True,
     # Entered first, so that an existing store is refused before any work; committed at the block's end.
     with store_transaction(store_path, overwrite=output.overwrite) as staging:
         camera = load_camera(inp.camera) if inp.camera else None
+        selection = parse_selection(inp.select) if inp.select else None
+        fields = [selection[0]] if selection else []
         if inp.butler:
-            files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument)
+            files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument,
+                                       exposure_fields=fields)
         else:
-            files = discover(inp.root, inp.pattern, inp.manifest, camera)
+            files = discover(inp.root, inp.pattern, inp.manifest, camera, columns=fields)
+        if selection:
+            found = len(files)
+            files = select_files(files, *selection, source=inp.butler or inp.manifest)
+            log.info("%s: kept %d of %d files", inp.select, len(files), found)
         log.info("found %d files in %d filter(s)", len(files), files["physical_filter"].nunique())
+        filters = sorted(files["physical_filter"].unique())
+        if output.scales_yaml:
+            scales_yaml_paths(output.scales_yaml, filters)  # its rule, checked before any work
         # The output repository is checked now, before any work; written to only once the store is committed.
         outbox = butler.ScalesOutput.prepare(
-            output.butler, output.run, files.attrs.get("instrument") or inp.instrument,
-            sorted(files["physical_filter"].unique())) if output.butler else None
+            output.butler, output.run, files.attrs.get("instrument") or inp.instrument, filters,
+            output.dataset_type) if output.butler else None
         with cluster() if cluster is not None else contextlib.nullcontext():
             summaries = _read_solve_write(cfg, files, camera, staging, show_progress)
-    scales_yaml = None
-    if output.scales_yaml:
-        scales_yaml = write_scales_yaml(store_path, output.scales_yaml)
+    scales_yaml = write_scales_yaml(store_path, output.scales_yaml) if output.scales_yaml else []
     butler_datasets = outbox.put(store_path) if outbox is not None else []
     return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml,
                       butler_datasets=butler_datasets)
@@ -298,7 +315,8 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
         if not fit.converged:
             log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
                         fit.max_change)
-        return scale_dataset(ds, fit, solve.level, attrs={"problems": found}), fit
+        out = scale_dataset(ds, fit, solve.level, attrs={"problems": found})
+        return out.assign_attrs(exposures_left_out=exposures_left_out(out)), fit
 
     log.info("solving %s", ", ".join(nodes))
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:

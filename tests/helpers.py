@@ -37,3 +37,23 @@ def error_line(result) -> str:
     assert "Traceback" not in result.stderr
     assert [line for line in lines if line.startswith("flatnorm: error:")] == lines[-1:]
     return lines[-1]
+
+
+def combination_lookup(scales: dict, detector: int, amp_names, exposures) -> dict | None:
+    """What LSST's flat combination (``exposureScaling: InputList``) takes from one scales dataset for one
+    detector's input flats, written here from its documented behaviour (see the project's FORMATS.md), not
+    from its code:
+
+    - a detector that is not a key of ``expScale`` has no work: None;
+    - of the input flats, it combines those whose exposure is listed under the detector's first amplifier;
+    - it divides each of those, amplifier by amplifier (the camera's amplifiers, by name), by
+      ``expScale[detector][amp][exposure]`` (a missing key is an error, as it is there).
+
+    Returns ``{exposure: [scale of each amplifier]}`` for the flats combined, in input order.
+    """
+    per_amp = scales["expScale"].get(detector)
+    if per_amp is None:
+        return None
+    listed = per_amp[next(iter(per_amp))]
+    return {exposure: [per_amp[amp][exposure] for amp in amp_names] for exposure in exposures
+            if exposure in listed}

@@ -190,3 +190,21 @@ def test_duplicate_and_bad_level_rejected():
         normalize(records + records[:1], dims + dims[:1])
     with pytest.raises(ValueError, match="level must be one of"):
         normalize(records, dims, level="CCD")
+
+
+@pytest.mark.parametrize("level", ["DETECTOR", "AMP"])
+def test_an_exposure_without_a_usable_record_is_left_out_of_exp_scale(level):
+    records, dims, dets, exps, _ = make_records(seed=2)
+    empty = exps[1]
+    for record, dim in zip(records, dims):
+        if dim["exposure"] == empty:  # every statistic of the exposure unusable: NaN, or no pixels
+            record.update({key: float("nan") for key in record if "_MEDIAN" in key})
+            record["AMP_N_0"] = 0
+    out = normalize(records, dims, level=level)
+    # The others are solved from the same usable records as when the empty exposure is not given at all.
+    kept = [(r, d) for r, d in zip(records, dims) if d["exposure"] != empty]
+    without = normalize([r for r, _ in kept], [d for _, d in kept], level=level)
+    for det in dets:
+        for amp in AMPS:
+            assert list(out["expScale"][det][amp]) == [e for e in exps if e != empty]  # not a NaN to divide by
+            assert out["expScale"][det][amp] == pytest.approx(without["expScale"][det][amp], rel=1e-12)

@@ -308,8 +308,8 @@ def test_store_summary_reads_the_config_through_the_schema(tmp_path):
                         "where": "exposure.day_obs = 20251120"},
               "solve": {"level": "amp", "tol": "1e-10", "max_iter": 50}}
     text = store_summary(write_store(tmp_path / "b.zarr", groups, root_attrs={"config": butler}))
-    # Canonical spellings and defaults from the schema: AMP, the collections split, flatStats, lsstcam.
-    assert ("  config: input butler /repo/main (flatStats in LSSTCam/runs/a, LSSTCam/runs/b where "
+    # Canonical spellings and defaults from the schema: AMP, the collections split, cpFlatStatistics, lsstcam.
+    assert ("  config: input butler /repo/main (cpFlatStatistics in LSSTCam/runs/a, LSSTCam/runs/b where "
             "exposure.day_obs = 20251120), camera lsstcam, level AMP, tol 1e-10, max_iter 50") in text.splitlines()
     bad = {"input": {"root": "/data", "pattern": "{exposure}.yaml"}, "solve": {"levle": "AMP"}}
     path = write_store(tmp_path / "bad.zarr", groups, root_attrs={"config": bad})
@@ -355,9 +355,10 @@ def test_group_datasets_of_trees_and_mappings(tmp_path):
 
 
 def expected_scales(ds: xr.Dataset) -> dict:
-    """cpFlatNormScales built here with plain loops, independently of records.scales_dict."""
+    """One filter's scales built here with plain loops, independently of records.scales_dict: every detector
+    and amplifier, the exposures whose E is finite."""
     amps = [str(a) for a in ds["amp"].values]
-    e = {int(x): float(v) for x, v in zip(ds["exposure"].values, ds["exp_scale"].values)}
+    e = {int(x): float(v) for x, v in zip(ds["exposure"].values, ds["exp_scale"].values) if math.isfinite(v)}
     det_scale = {}
     for i, d in enumerate(ds["detector"].values):
         g = ds["det_scale"].values[i]
@@ -366,27 +367,37 @@ def expected_scales(ds: xr.Dataset) -> dict:
             "detScale": det_scale}
 
 
-def test_export_yaml_reads_back_as_cpflatnormscales(tmp_path):
+def test_export_yaml_reads_back_as_the_scales_of_each_filter(tmp_path):
     groups = {"r_57": make_group("AMP", seed=1), "g_6": make_group("DETECTOR", seed=2, chunks={"exposure": 2})}
     path = write_store(tmp_path / "s.zarr", groups)
-    out = write_scales_yaml(path, tmp_path / "out" / "scales.yaml")
-    text = out.read_text()
-    assert "&id" not in text and "!!" not in text  # plain YAML: no anchors, no Python tags
-    got = yaml.safe_load(text)
-    assert got == {name: expected_scales(ds.load()) for name, ds in groups.items()}
-    det = next(iter(got["r_57"]["detScale"]))
-    assert type(det) is int and type(got["r_57"]["detScale"][det]["C10"]) is float
-    assert type(next(iter(got["g_6"]["expScale"][det]["C00"]))) is int
-    assert export_scales(open_store(path)) == got
-    assert not leftovers(out)
+    out = write_scales_yaml(path, tmp_path / "out")
+    assert sorted(out) == [tmp_path / "out" / "g_6.yaml", tmp_path / "out" / "r_57.yaml"]
+    for file in out:
+        name = file.stem
+        text = file.read_text()
+        assert "&id" not in text and "!!" not in text  # plain YAML: no anchors, no Python tags
+        got = yaml.safe_load(text)
+        assert got == expected_scales(groups[name].load())
+        assert export_scales(open_store(path))[name] == got
+    got = yaml.safe_load((tmp_path / "out" / "r_57.yaml").read_text())
+    det = next(iter(got["detScale"]))
+    assert type(det) is int and type(got["detScale"][det]["C10"]) is float
+    assert type(next(iter(got["expScale"][det]["C00"]))) is int
+    assert not leftovers(out[0]) and not leftovers(out[1])
 
 
-def test_export_keeps_nan_scales(tmp_path):
+def test_export_keeps_nan_g_and_leaves_out_nan_e(tmp_path):
     ds = make_group("DETECTOR")
-    ds["det_scale"][1] = np.nan  # a detector with no usable cell
+    ds["det_scale"][1] = np.nan  # a detector's G, were it NaN, is still listed
+    ds["exp_scale"][2] = np.nan  # an exposure without a usable cell is not
     path = write_store(tmp_path / "s.zarr", {"all": ds})
-    got = yaml.safe_load(write_scales_yaml(path, tmp_path / "s.yaml").read_text())
-    assert math.isnan(got["all"]["detScale"][3]) and got["all"]["detScale"][0] == float(ds["det_scale"][0])
+    [file] = write_scales_yaml(path, tmp_path / "s.yaml")
+    got = yaml.safe_load(file.read_text())
+    assert math.isnan(got["detScale"][3]) and got["detScale"][0] == float(ds["det_scale"][0])
+    left_out = int(ds["exposure"][2])
+    assert got["expScale"] == expected_scales(ds)["expScale"] and left_out not in got["expScale"][3]["C07"]
+    assert all(len(per_amp) == ds.sizes["exposure"] - 1 for amps in got["expScale"].values()
+               for per_amp in amps.values())
 
 
 def test_export_needs_amp_names(tmp_path):

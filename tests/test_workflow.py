@@ -39,7 +39,7 @@ def campaign(tmp_path_factory):
 def amp_store(campaign, tmp_path_factory):
     _, root = campaign
     store = tmp_path_factory.mktemp("out") / "scales.zarr"
-    scales = store.parent / "scales.yaml"
+    scales = store.parent / "scales"  # a directory: one PHYSICAL_FILTER.yaml per filter
     result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level", "AMP",
                       "--workers", 2, "--scales-yaml", scales, "--no-progress", "--batch-size", 50)
     assert result.returncode == 0, result.stderr
@@ -95,9 +95,11 @@ def test_store_provenance_and_info(amp_store):
 
 def test_exported_yaml_reads_back(campaign, amp_store):
     tree, _ = campaign
-    store, scales, _ = amp_store
-    exported = yaml.safe_load(open(scales))
-    assert sorted(exported) == sorted(FILTERS)
+    store, scales, result = amp_store
+    assert sorted(p.name for p in scales.iterdir()) == sorted(f"{name}.yaml" for name in FILTERS)
+    assert [line for line in result.stdout.splitlines() if line.startswith("scales: ")] == [
+        f"scales: {scales / name}.yaml" for name in sorted(FILTERS)]
+    exported = {name: yaml.safe_load(open(scales / f"{name}.yaml")) for name in FILTERS}
     truth = tree["r_57"].to_dataset().sortby(["detector", "exposure"])
     fit = numpy_fit(truth, "AMP")
     expected = scales_dict(truth.exposure.values, truth.detector.values, truth.amp.values, fit.vectorE,
@@ -107,10 +109,10 @@ def test_exported_yaml_reads_back(campaign, amp_store):
     det = int(truth.detector[3])
     assert got["detScale"][det] == pytest.approx(expected["detScale"][det], rel=1e-12)
     assert got["expScale"][det]["C10"] == pytest.approx(expected["expScale"][det]["C10"], rel=1e-12)
-    again = store.parent / "again.yaml"
+    again = store.parent / "again"
     result = flatnorm("export", store, "--output", again)
     assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(open(again)) == exported
+    assert {name: yaml.safe_load(open(again / f"{name}.yaml")) for name in FILTERS} == exported
 
 
 def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_path):

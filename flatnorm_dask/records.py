@@ -1,8 +1,8 @@
 """The reference task's ``run()`` without the LSST stack: records and data ids <-> matrices <-> scales dict.
 
 ``normalize`` takes per-(detector, exposure) statistic records (mappings such as a PropertyList read by
-:mod:`flatnorm_dask.formats`) with their data ids and returns the ``cpFlatNormScales`` structure the LSST flat
-combination consumes.  Each record goes through :func:`flatnorm_dask.schema.extract_stats`, so it passes the
+:mod:`flatnorm_dask.formats`) with their data ids and returns the scales structure (``cpFlatNormalizeScales``)
+the LSST flat combination consumes.  Each record goes through :func:`flatnorm_dask.schema.extract_stats`, so it passes the
 same checks as a file that :mod:`flatnorm_dask.formats` reads.  Unlike the reference, amplifier rows are
 ``det * nAmp + amp`` on the way in and on the way out, and a non-finite statistic masks its cell instead of
 corrupting a weight.
@@ -111,7 +111,7 @@ def records_to_matrices(
 
 
 def kept_exposures(exp_scale: Any) -> np.ndarray:
-    """Which exposures the ``cpFlatNormScales`` structure lists: those whose E is finite and positive.
+    """Which exposures the scales structure lists: those whose E is finite and positive.
 
     The one rule for leaving an exposure out.  An exposure without a usable cell has E NaN; listed, it would
     make the flat combination divide that flat by NaN.  Left out of ``expScale`` for every detector and
@@ -130,7 +130,7 @@ def scales_dict(
     exp_scale: np.ndarray,
     det_scale: np.ndarray,
 ) -> dict[str, dict]:
-    """The ``cpFlatNormScales`` structure from scale vectors.
+    """The scales structure (``cpFlatNormalizeScales``) from scale vectors.
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
 """Run flatnorm on a LocalCluster on this machine.
 
-    python workflows/local.py configs/lsstcam.yaml --input /data/flatStats --output scales.zarr [--workers 2]
+    python workflows/local.py configs/lsstcam.yaml --input /repo/main --output scales.zarr [--workers 2]
 
 Any ``flatnorm run`` flag is accepted but ``--scheduler`` (this script chooses the cluster; a config file's
 ``cluster.scheduler`` is replaced).  The cluster is sized to the machine (one single-threaded worker process

@@ -1,6 +1,6 @@
 """Run flatnorm on a SLURM cluster through dask-jobqueue (``pip install 'flatnorm-dask[jobqueue]'``).
 
-    python workflows/slurm.py configs/slurm.yaml --input /data/flatStats --output scales.zarr --workers 8
+    python workflows/slurm.py configs/slurm.yaml --input /repo/main --output scales.zarr --workers 8
     python workflows/slurm.py configs/slurm.yaml --print-job-script      # check the batch script first
 
 The job shape (cores, memory, walltime, queue, account, ...) comes from the ``jobqueue.slurm`` settings in the

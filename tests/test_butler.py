@@ -493,6 +493,8 @@ def test_butler_errors_are_one_line(daf_butler, repo, cli_run, tmp_path, capsys)
         (["--butler", repo, "--collections", RUN, "--dataset-type", "flatStatz"],
          f"dataset type 'flatStatz' is not registered in the repository; statistics-like dataset types there: "
          f"{STATS} (choose with {hint})"),
+        (["--butler", repo, "--collections", CHAIN, "--dataset-type", "flatStatz"],
+         f"statistics-like dataset types there: {STATS} (choose with {hint})"),  # a chain's children's types
         # An older repository's collections: the stock name finds nothing, the message says what is there.
         (["--butler", repo, "--collections", LEGACY],
          f"no {STATS} datasets in collection(s) {LEGACY}; statistics-like dataset types there: {LEGACY_STATS} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import subprocess
 
 import numpy as np
@@ -164,11 +165,16 @@ def test_export_to_a_directory_or_one_filter_to_a_file(store, tmp_path):
      "directory that gets <physical_filter>.yaml per filter)"),
     (["--filter", "g_6", "-o", "{tmp}/dir.yaml"], "{tmp}/dir.yaml: is a directory; a path ending in .yaml names "
      "one YAML file"),
+    (["-o", "{tmp}/d2"], "{tmp}/d2/g_6.yaml: exists and is not a regular file; it would not be replaced"),
+    (["--filter", "r_57", "-o", "{tmp}/fifo.yml"], "{tmp}/fifo.yml: exists and is not a regular file; it would not "
+     "be replaced"),
 ])
 def test_export_refusals_are_one_line_and_write_nothing(store, tmp_path, args, message):
     summary, _ = store
     (tmp_path / "file").write_text("mine\n")
     (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "d2" / "g_6.yaml").mkdir(parents=True)
+    os.mkfifo(tmp_path / "fifo.yml")
     before = sorted(tmp_path.rglob("*"))
     fill = {"tmp": tmp_path, "store": summary.store}
     line = error_line(flatnorm("export", summary.store, *[a.format(**fill) for a in args]))

@@ -138,7 +138,8 @@ def scales_yaml_paths(out: str | os.PathLike, filters: Sequence[str]) -> dict[st
     Raises
     ------
     ValueError
-        A ``.yaml`` path for several filters (or none), or an existing directory where a file is asked.
+        A ``.yaml`` path for several filters (or none), an existing directory where a file is asked, or a
+        target that exists and is not a regular file (a directory, a FIFO, a device).
     """
     out = Path(out)
     filters = list(filters)
@@ -149,11 +150,16 @@ def scales_yaml_paths(out: str | os.PathLike, filters: Sequence[str]) -> dict[st
                              "<physical_filter>.yaml) or choose one filter")
         if out.is_dir():
             raise ValueError(f"{out}: is a directory; a path ending in {out.suffix} names one YAML file")
-        return {filters[0]: out}
-    if out.exists() and not out.is_dir():
+        targets = {filters[0]: out}
+    elif out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (a path without a .yaml suffix is a directory "
                          "that gets <physical_filter>.yaml per filter)")
-    return {name: out / f"{name}.yaml" for name in filters}
+    else:
+        targets = {name: out / f"{name}.yaml" for name in filters}
+    for target in targets.values():
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise ValueError(f"{target}: exists and is not a regular file; it would not be replaced")
+    return targets
 
 
 class _ScalesDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # C emitter: LSSTCam exports are large

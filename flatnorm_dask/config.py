@@ -31,9 +31,9 @@ import os
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from .bounded import MAX_FILE_BYTES, AliasRefused, RefusedFile, read_text, without_aliases
 from .cluster import JOBQUEUE_KINDS, SCHEDULER_NAMES, scheduler_kind
 from .schema import (
     LEGACY_SCALES_DATASET_TYPE,
@@ -186,6 +186,11 @@ class InputConfig:
         1000, "int", "Files parsed per Dask task.",
         "Larger batches cost less scheduling, smaller ones balance better.",
         minimum=1)
+    max_file_bytes: int = _option(
+        MAX_FILE_BYTES, "int", "Largest statistics file read, in bytes; a larger one is a bad file.",
+        "A flatStats file of a 16-amplifier detector is about 4 KB; the limit bounds the memory and time a "
+        "corrupt or hostile input can take.  Only regular files are read (a FIFO or a device is a bad file).",
+        minimum=1, metavar="BYTES")
     butler: str | None = _option(
         None, "path", "LSST butler repository whose registry lists the inputs, instead of root + pattern / "
         "manifest.",
@@ -433,13 +438,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, o
     if path is not None:
         source = os.fspath(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = read_text(path, CONFIG_MAX_BYTES)
         except OSError as err:
             raise ConfigError(source, None, f"cannot read config file: {err.strerror or err}") from None
+        except RefusedFile as err:
+            raise ConfigError(source, None, f"not a YAML config file: {err}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=without_aliases(yaml.SafeLoader))
         except yaml.YAMLError as err:
             raise ConfigError(source, None, _yaml_problem(err)) from None
+        except AliasRefused as err:
+            raise ConfigError(source, None, str(err)) from None
         if data is None:  # an empty file (or only comments): all defaults
             data = {}
     return _build(source, data, _dask_cluster_layer(), overrides, overrides_source)
@@ -459,6 +468,8 @@ def _dask_cluster_layer() -> Mapping[str, Any]:
 
 
 _DASK_CONFIG = "dask config (DASK_FLATNORM__* environment or dask YAML)"
+#: Largest config file read: a config is a few KB; this bounds what a wrong path (a data file, a device) costs.
+CONFIG_MAX_BYTES = 1024 * 1024
 
 
 def _yaml_problem(err) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .bounded import MAX_FILE_BYTES
 from .formats import StatsReader
 from .schema import (
     AMP_VARIABLES,
@@ -257,9 +258,9 @@ def select_files(files: pd.DataFrame, field: str, value: str, source: str) -> pd
     return files[keep].reset_index(drop=True)
 
 
-def _probe_amp_names(paths: Sequence[str], on_error: str) -> tuple[str, ...]:
+def _probe_amp_names(paths: Sequence[str], on_error: str, max_file_bytes: int) -> tuple[str, ...]:
     """Amplifier names from the first readable file (the reference gets them from the camera)."""
-    reader = StatsReader()
+    reader = StatsReader(max_bytes=max_file_bytes)
     for path in paths:
         try:
             return reader.read(path).amp_names
@@ -270,7 +271,8 @@ def _probe_amp_names(paths: Sequence[str], on_error: str) -> tuple[str, ...]:
 
 
 def _read_block(rows: np.ndarray, cols: np.ndarray, paths: Sequence[str], shape: tuple[int, int],
-                amp_names: tuple[str, ...], on_error: str, duplicates: np.ndarray) -> np.ndarray:
+                amp_names: tuple[str, ...], on_error: str, duplicates: np.ndarray,
+                max_file_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
     """Read one block of files into a packed array (detector, channel, exposure) -- runs in a Dask task.
 
     The channels are :class:`~flatnorm_dask.schema.PackedChannels`'; one reader serves the whole block, so
@@ -282,16 +284,15 @@ def _read_block(rows: np.ndarray, cols: np.ndarray, paths: Sequence[str], shape:
     block[:, status, :] = ABSENT
     block[:, channels.det_channel(COUNT_STAT), :] = 0.0  # an absent cell has no pixels
     block[:, channels.amp_channels(COUNT_STAT), :] = 0.0
-    reader = StatsReader()
+    results = StatsReader(max_bytes=max_file_bytes).read_many(p for p, dup in zip(paths, duplicates) if not dup)
     for r, c, path, dup in zip(rows, cols, paths, duplicates):
         if dup:
             block[r, status, c] = DUPLICATE
             continue
-        try:
-            stats = reader.read(path)
-        except StatsFormatError:
+        stats = next(results)
+        if isinstance(stats, StatsFormatError):
             if on_error == "raise":
-                raise
+                raise stats
             block[r, status, c] = BAD_FILE
             continue
         if stats.amp_names != amp_names:
@@ -310,7 +311,8 @@ def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str, batch_size: int):
+def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str, batch_size: int,
+                 max_file_bytes: int):
     """One filter's Dataset, backed by one Dask task per block of about ``batch_size`` files."""
     import dask
     import dask.array as da
@@ -340,7 +342,7 @@ def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str,
             sel = in_rows & (exp_idx >= e0) & (exp_idx < e1)
             task = dask.delayed(_read_block, pure=True)(
                 det_idx[sel] - d0, exp_idx[sel] - e0, paths[sel].tolist(), (d1 - d0, e1 - e0),
-                amp_names, on_error, dup[sel])
+                amp_names, on_error, dup[sel], max_file_bytes)
             blocks.append(da.from_delayed(task, shape=(d1 - d0, channels.size, e1 - e0), dtype=np.float64))
         rows_of_blocks.append(da.concatenate(blocks, axis=2))
     packed = da.concatenate(rows_of_blocks, axis=0)
@@ -376,6 +378,7 @@ def read_campaign(
     camera: Any = None,
     batch_size: int = 1000,
     files: pd.DataFrame | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ):
     """Read flat statistics files into a DataTree, one child node per physical_filter.
 
@@ -390,6 +393,8 @@ def read_campaign(
         disagree: raise an error naming the file and key, or mask the cell and record its status.
     batch_size : int
         Files per Dask task (and so per chunk).
+    max_file_bytes : int
+        Largest file read; a larger one is a bad file (see :class:`~flatnorm_dask.formats.StatsReader`).
 
     Returns
     -------
@@ -411,8 +416,8 @@ def read_campaign(
     if len(files) == 0:
         raise IngestError("no input files")
     # The files, not the camera, say which amplifiers they list: a camera mismatch must not mask everything.
-    amp_names = _probe_amp_names(files["path"].tolist(), on_error)
-    children = {str(name): _read_filter(group, amp_names, on_error, batch_size)
+    amp_names = _probe_amp_names(files["path"].tolist(), on_error, max_file_bytes)
+    children = {str(name): _read_filter(group, amp_names, on_error, batch_size, max_file_bytes)
                 for name, group in files.groupby("physical_filter", sort=True)}
     if camera is not None:
         for ds in children.values():
@@ -427,7 +432,7 @@ def _name_detectors(ds, camera: Any) -> None:
                                                         dtype=object))
 
 
-def problems(ds, status: np.ndarray | None = None) -> list[dict[str, str]]:
+def problems(ds, status: np.ndarray | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> list[dict[str, str]]:
     """The (file, reason) records of a filter's masked cells.
 
     Parameters
@@ -436,6 +441,8 @@ def problems(ds, status: np.ndarray | None = None) -> list[dict[str, str]]:
         A node of :func:`read_campaign`'s tree.
     status : ndarray, optional
         ``ds.status`` already computed (it is computed here otherwise).
+    max_file_bytes : int
+        The limit the files were read with.
 
     Notes
     -----
@@ -443,7 +450,7 @@ def problems(ds, status: np.ndarray | None = None) -> list[dict[str, str]]:
     """
     status = np.asarray(ds["status"].values if status is None else status)
     files = ds["file"].values
-    reader = StatsReader()
+    reader = StatsReader(max_bytes=max_file_bytes)
     out = []
     for d, e in zip(*np.nonzero((status != OK) & (status != ABSENT))):
         path, code = str(files[d, e]), int(status[d, e])

@@ -3,12 +3,18 @@
 The butler stores a PropertyList as a YAML sequence tagged ``!<lsst.daf.base.PropertyList>`` whose items are
 ``[name, type, value, comment]`` lists (see ``FORMATS.md`` in the shared reference), written by PyYAML.
 Loading one with PyYAML costs milliseconds, while the file itself reads in tens of microseconds, so this
-module has a specialised parser for exactly the shapes PyYAML emits (block or flow style, one item after
-another). It accepts a document only if every byte of it matches those shapes and resolves each scalar with
-YAML 1.1's rules, as PyYAML does; anything else (comments, anchors, wrapped long strings, repeated keys as
-lists, directives, other indentation, tabs, control characters, non-ASCII text) raises :class:`Fallback`, and
-the caller goes to PyYAML (:func:`load`), so both paths return the same values. Files that differ only in
-their values (those of one campaign) are read through learned layouts, see :class:`LayoutCache`.
+module has a specialised parser for the shapes PyYAML emits: items in block or flow style (mixed within a
+document, as ``default_flow_style=None`` writes them), names with spaces and dots, every element type
+(numbers, plain, quoted and ``!<lsst.daf.base.DateTime>`` strings, ``true``/``false``, ``null``), repeated
+keys as block or flow lists, and long scalars and flow items wrapped over several lines. It accepts a
+document only if every byte of it matches those shapes, and resolves each scalar with YAML 1.1's rules, as
+PyYAML does; anything else (comments, anchors and aliases, directives, other indentation, tabs, control
+characters, non-ASCII text, escapes in double quotes) raises :class:`Fallback`, and the caller goes to PyYAML
+(:func:`load`), so both paths return the same values. Files that differ only in their values (those of one
+campaign) are read through learned layouts, see :class:`LayoutCache`.
+
+Every regular expression here runs in time and memory linear in its input: repeats are possessive (no
+backtracking stack grows with a long quoted string), and matching is anchored item by item.
 
 The writer (:func:`format_propertylist`) produces the text PyYAML emits for a record, byte for byte, by
 string formatting where it can and through PyYAML where quoting or structure is needed. Reader and writer
@@ -20,14 +26,18 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import yaml
 
+from ._text import short_repr
+from .bounded import AliasRefused, without_aliases
+
 __all__ = [
+    "DATETIME_TAG",
     "FLOAT_SPELLINGS",
     "PROPERTYLIST_TAG",
     "STYLES",
@@ -50,6 +60,8 @@ __all__ = [
 ]
 
 PROPERTYLIST_TAG = "lsst.daf.base.PropertyList"
+#: The tag of a ``DateTime`` element's value: an ISO-8601 string in TAI, read here as that string.
+DATETIME_TAG = "lsst.daf.base.DateTime"
 #: Item styles: PyYAML's block style (its current default) or flow style (``default_flow_style=None``).
 STYLES = ("block", "flow")
 
@@ -83,102 +95,205 @@ class Fallback(Exception):
 
 
 # --- The fast parser ---------------------------------------------------------------------------------------
+#
+# Scalars are written for a continuation indent: PyYAML wraps a long scalar at a single space, going on at
+# its node's indentation (4 in an item, 6 in a list inside a block item). Only printable ASCII is accepted
+# (no tab, CR or other control character: PyYAML folds line breaks such as CR inside quotes, rejects control
+# characters, and its pure loader rejects tabs as separators where libyaml accepts them).
 
-# YAML 1.1 plain scalars as PyYAML's resolver reads them; only forms PyYAML itself emits are listed, the
-# rest (octal, sexagesimal, underscores, timestamps, ...) fail to match and go to the full loader.
-_INT = r"[-+]?(?:0|[1-9][0-9]*)"
-_FLOAT = r"[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?"
-_SPECIAL = r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
-# Quoted scalars and comments: printable ASCII only (no tab, CR or other control character: PyYAML folds
-# line breaks such as CR inside quotes, rejects control characters, and its pure loader rejects tabs as
-# separators where libyaml accepts them).
-_SQUOTED = r"'(?:[^'\x00-\x1f\x7f]|'')*'"
-_DQUOTED = r'"[^"\\\x00-\x1f\x7f]*"'
-_VALUE = f"{_INT}|{_FLOAT}|{_SPECIAL}|{_WORD}|{_SQUOTED}|{_DQUOTED}"
-_NAME = r"[A-Za-z_][A-Za-z0-9_.]*"
-# Comments are never used, but must be valid YAML scalars for the two paths to agree on what is an error;
-# a plain one may not start with a digit (PyYAML fails on e.g. ``2001-13-45`` or ``0x_`` as a date or int),
-# nor hold '?' in flow style (the pure loader ends a plain scalar there, libyaml does not).
-_COMMENT_BLOCK = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z(][^#:'\"\x00-\x1f\x7f]*"
-_COMMENT_FLOW = rf"{_SQUOTED}|{_DQUOTED}|[A-Za-z(][^#:,?\[\]{{}}'\"\x00-\x1f\x7f]*"
+# Numbers as PyYAML's resolver reads them; only forms PyYAML itself emits are converted here, the rest
+# (octal, sexagesimal, underscores, ...) go to the full loader (see _scalar).
+_NUMBER = re.compile(r"(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?"
+                     r"|[-+]?(?:0|[1-9][0-9]*)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z")
+# A plain scalar: printable ASCII words (no space at the end) that PyYAML would write unquoted. A word
+# starts with a character that is no indicator ("-", and in block context "?" and ":", only before a
+# non-space); "#" may follow a non-space; in block context ",", "?", brackets and braces may follow too,
+# and ":" before a non-space. Numbers are plain
+# scalars too. A wrapped line goes on at the scalar's indentation.
+_WORD_CHARS = {"flow": r"A-Za-z0-9_.()/+=!$%&*;<>@\\^`~|'\"\-", "block": r"A-Za-z0-9_.()/+=!$%&*;<>@\\^`~|'\"\-,?\[\]{}"}
+_PLAIN_START = r"[A-Za-z0-9_.()/+=$;<\\^~]"
+_QCHARS = r"[^'\x00-\x1f\x7f]"  # inside single quotes
+_DQUOTED = r'"[^"\\\x00-\x1f\x7f]*+"'
+_DATETIME = rf"!<{re.escape(DATETIME_TAG)}> '{_QCHARS}*+'"
+# Comments are never used, but must be valid YAML scalars for the two paths to agree on what is an error:
+# PyYAML fails on e.g. ``2001-13-45`` or ``0x_`` as a date or an int. A plain one that starts with a
+# character no YAML 1.1 resolver claims is always valid (in flow style without '?': the pure loader ends a
+# plain scalar there, libyaml does not); one that starts otherwise (a digit, "-", ".") is a plain scalar
+# whose resolution the item parser checks (see _check_comment).
+_COMMENT_START = r"[A-Za-z_()/$;\\^]"
+_SAFE_COMMENT_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_()/$;\\^'\"")
+_COMMENT_CHARS = {"block": r"[^#:'\"\x00-\x1f\x7f]", "flow": r"[^#:,?\[\]{}'\"\x00-\x1f\x7f]"}
+# PyYAML's own implicit resolvers (first character -> (tag, regex)), shared by its C and pure loaders.
+_RESOLVERS = yaml.resolver.Resolver.yaml_implicit_resolvers
 
-# One item of each style; groups: name, element type, value.
+
+def _plain(indent: int, context: str) -> str:
+    chars = _WORD_CHARS[context]
+    follows = f"[{chars}#:]" if context == "block" else f"[{chars}#]"  # a non-space that may go on a word
+    within = rf"(?:[{chars}#]|:(?={follows}))" if context == "block" else f"[{chars}#]"
+    word = rf"[{chars}]{within}*+"
+    lead = "-?:" if context == "block" else "-"  # indicators only when a space follows
+    return rf"(?:{_PLAIN_START}|[{lead}](?={follows})){within}*+(?: ++{word}|\n {{{indent}}}{word})*+"
+
+
+def _squoted(indent: int) -> str:
+    # A wrap replaces one space between two non-space characters, which is how PyYAML writes it.
+    return rf"'(?:{_QCHARS}++|''|(?<=[^ '])\n {{{indent}}}(?=[^ '\x00-\x1f\x7f]))*+'"
+
+
+def _scalar_pattern(indent: int, context: str) -> str:
+    return f"(?>{_plain(indent, context)}|{_squoted(indent)}|{_DQUOTED}|{_DATETIME})"
+
+
+def _comment_pattern(style: str, indent: int) -> str:
+    chars = _COMMENT_CHARS[style]
+    plain = rf"{_COMMENT_START}{chars}*+(?:\n {{{indent}}}(?! ){chars}++)*+"
+    return f"(?:{_squoted(indent)}|{_DQUOTED}|{plain})"
+
+
+# A repeated key's values, in a block item: a flow list wrapped at 4, or a block list at 4; elements at 6.
+_FLOW_LIST = rf"\[{_scalar_pattern(6, 'flow')}(?:,(?: |\n {{4}}){_scalar_pattern(6, 'flow')})*+\]"
+_BLOCK_LIST = rf"- {_scalar_pattern(6, 'block')}(?:\n {{4}}- {_scalar_pattern(6, 'block')})*+"
+_BLOCK_LIST_SEPARATOR = "\n    - "
+_LIST_ELEMENT = re.compile(rf"({_scalar_pattern(6, 'flow')})(,(?: |\n {{4}})|\])")
+#: The value of an item: in a block item a scalar or a list, in a flow item a scalar.
+_VALUES = {"block": f"(?>{_scalar_pattern(4, 'block')}|{_FLOW_LIST}|{_BLOCK_LIST})",
+           "flow": _scalar_pattern(4, "flow")}
+_NAMES = {style: f"(?>{_plain(4, style)}|{_squoted(4)}|{_DQUOTED})" for style in STYLES}
+#: Between a flow item's elements: a comma, spaces or a wrap to the item's indentation (2).
+_SEPARATOR = r" *+,(?>\n  | *+)"
+#: Comments in a layout: those that are always valid; the item parser also takes any plain scalar it checks.
+_COMMENTS = {style: _comment_pattern(style, 4) for style in STYLES}
+_ITEM_COMMENTS = {style: f"(?:{_COMMENTS[style]}|{_plain(4, style)})" for style in STYLES}
+
+# One item of each style; named groups: name, type, value, comment (and the flow item's separators).
 _ITEMS = {
     "block": re.compile(
-        rf"- - ({_NAME})\n  - ([A-Za-z]+)\n  - ({_VALUE})\n  - (?:{_COMMENT_BLOCK})(?:\n|\Z)"),
+        rf"- - (?P<name>{_NAMES['block']})\n  - (?P<type>[A-Za-z]++)\n  - (?P<value>{_VALUES['block']})"
+        rf"\n  - (?P<comment>{_ITEM_COMMENTS['block']})(?:\n|\Z)"),
     "flow": re.compile(
-        rf"- \[ *({_NAME}) *, *([A-Za-z]+) *, *({_VALUE}) *, *(?:{_COMMENT_FLOW}) *\] *(?:\n|\Z)"),
+        rf"- \[ *+(?P<name>{_NAMES['flow']})(?P<s1>{_SEPARATOR})(?P<type>[A-Za-z]++)(?P<s2>{_SEPARATOR})"
+        rf"(?P<value>{_VALUES['flow']})(?P<s3>{_SEPARATOR})(?P<comment>{_ITEM_COMMENTS['flow']}) *+\] *+(?:\n|\Z)"),
 }
+_STYLE_OF = {"-": "block", "[": "flow"}  # by the item's third character
+_SEPARATOR_GROUPS = ("s1", "s2", "s3")
 _HEADERS = (f"!<{PROPERTYLIST_TAG}>\n", f"--- !<{PROPERTYLIST_TAG}>\n")
+_WRAP = re.compile(r"\n +")
+
+
+def _unwrap(text: str) -> str:
+    """A wrapped scalar's text: each line break and the indentation after it read as one space (YAML folding)."""
+    return _WRAP.sub(" ", text) if "\n" in text else text
 
 
 def _scalar(token: str) -> Any:
+    """The value of a scalar token, resolved as YAML 1.1 (PyYAML) does; Fallback for forms left to PyYAML."""
     first = token[0]
     if first == "'":
-        return token[1:-1].replace("''", "'")
+        return _unwrap(token[1:-1]).replace("''", "'")
     if first == '"':
         return token[1:-1]
+    if first == "!":  # a DateTime: its quoted string
+        return _scalar(token[token.index("'"):])
+    text = _unwrap(token)
     if first.isalpha() or first == "_":
-        return YAML11_WORDS.get(token, token)
-    if "." in token:
-        special = _SPECIALS.get(token.lower())
-        return float(token) if special is None else special
-    return int(token)
+        return YAML11_WORDS.get(text, text)
+    if _NUMBER.match(token):
+        if "." in token:
+            special = _SPECIALS.get(token.lower())
+            return float(token) if special is None else special
+        return int(token)
+    for _, regex in _RESOLVERS.get(first, ()):
+        if regex.match(text):  # another number, a date, null, merge or value: PyYAML's to construct
+            raise Fallback
+    return text
 
 
-def _item_pattern(text: str) -> tuple[re.Pattern[str], int]:
-    """The item regex of a document and where its first item starts; Fallback if the header is not ours."""
+def _check_comment(token: str) -> None:
+    """Fallback for a plain comment PyYAML would resolve to something it cannot construct (a bad date...)."""
+    if token[0] not in _SAFE_COMMENT_FIRST:
+        _scalar(token)
+
+
+def _value(token: str) -> Any:
+    """The value of an item's value token: a scalar, or the list of a repeated key's values."""
+    if token[0] == "[":
+        values, pos = [], 1
+        while True:
+            element = _LIST_ELEMENT.match(token, pos)
+            values.append(_scalar(element[1]))
+            if element[2] == "]":
+                return values
+            pos = element.end()
+    if token[:2] == "- ":
+        return [_scalar(element) for element in token[2:].split(_BLOCK_LIST_SEPARATOR)]
+    return _scalar(token)
+
+
+def _items(text: str) -> Iterator[tuple[str, re.Match]]:
+    """(style, match) of each item of a document in PyYAML's layout, in order; Fallback at anything else."""
     if not text.isascii():  # O(1) in CPython; non-ASCII line breaks and non-printables are PyYAML's
         raise Fallback
     for header in _HEADERS:
         if text.startswith(header):
-            start = len(header)
-            return _ITEMS["block" if text.startswith("- -", start) else "flow"], start
-    raise Fallback
+            pos = len(header)
+            break
+    else:
+        raise Fallback
+    end = len(text)
+    if pos == end:
+        raise Fallback
+    while pos < end:
+        style = _STYLE_OF.get(text[pos + 2:pos + 3])
+        match = _ITEMS[style].match(text, pos) if style is not None else None
+        if match is None:
+            raise Fallback
+        _check_comment(match["comment"])
+        yield style, match
+        pos = match.end()
 
 
 def parse_items(text: str) -> dict[str, Any]:
     """Name -> value of a PropertyList document in PyYAML's own layout, item by item.
+
+    A repeated key (a list value) gives its last value, as :func:`record_from_items` does.
 
     Raises
     ------
     Fallback
         Anything outside the shapes described in the module docstring (the document may still be valid).
     """
-    item, pos = _item_pattern(text)
     record: dict[str, Any] = {}
-    for m in item.finditer(text, pos):
-        if m.start() != pos:
-            raise Fallback
-        pos = m.end()
-        name, _, value = m.groups()
-        if name in YAML11_WORDS:  # a name like "true" would not be a string key for PyYAML
-            raise Fallback
-        try:
-            record[name] = _scalar(value)
-        except ValueError:  # an int beyond Python's digit limit: PyYAML's error
-            raise Fallback from None
-    if pos != len(text) or not record:
-        raise Fallback
+    try:
+        for _, match in _items(text):
+            name = _scalar(match["name"])
+            if type(name) is not str:  # a name like "true" or "1.5" would not be a string key for PyYAML
+                raise Fallback
+            value = _value(match["value"])
+            record[name] = value[-1] if type(value) is list else value
+    except ValueError:  # an int beyond Python's digit limit: PyYAML's error
+        raise Fallback from None
     return record
 
 
 # --- Layouts: the files of a campaign differ only in their values -----------------------------------------
 #
 # The item parser costs about a microsecond and a half an item in Python. The butler writes every file of a
-# campaign with the same names, types and comments in the same order, so once two documents with the same
-# names have been read, the text of the second one with its values cut out becomes one regex (a layout) whose
-# groups are the values: a single C-level fullmatch then checks every byte of a document, and the values
-# convert in bulk. A layout is made only of text the item parser accepted, and its groups accept only a
-# subset of the item parser's tokens (no '+' sign, no '-0', ints of at most 300 digits), so a document it
+# campaign with the same names and types in the same order, so once two documents with the same names have
+# been read, the second one becomes one regex (a layout): its names and types as fixed text, each value a
+# group, each comment and separator the item parser's own pattern. A single C-level fullmatch then checks
+# every byte of a document, and the values convert in bulk. A layout accepts only documents the item parser
+# accepts: its groups take a subset of the item parser's value tokens (no '+' sign, no '-0', ints of at most
+# 300 digits for the numbers; the item parser's value pattern itself for the rest), so a document it
 # matches reads exactly as the item parser would read it.
 
 _GROUPS = {  # group kind -> regex of the tokens a group of that kind takes
-    "f": r"(-?[0-9]+\.[0-9]+(?:[eE][-+][0-9]+)?|-?\.inf|\.nan)",
-    "i": r"(0|-?[1-9][0-9]{0,299})",
-    "w": f"({_WORD})",
+    "f": r"(-?[0-9]++\.[0-9]++(?:[eE][-+][0-9]++)?+|-?\.inf|\.nan)",
+    "i": r"(0|-?[1-9][0-9]{0,299}+)",
+    "w": r"([A-Za-z_][A-Za-z0-9_]*+)",
 }
 _KINDS = tuple((kind, re.compile(group)) for kind, group in _GROUPS.items())
+_ANY_VALUE = "v"  # the kind of any other value: the item parser's value pattern, read by _value
 
 
 def layout_floats(tokens) -> list[float]:
@@ -195,51 +310,67 @@ def group_getter(indices: list[int]) -> Callable[[tuple], tuple]:
 
 
 class Layout:
-    """One document's text with its values as regex groups; see the comment above.
+    """One document's names and types as fixed text, its values as regex groups; see the comment above.
 
     Attributes
     ----------
     regex : re.Pattern
         Matches the documents of this layout; its groups are their values.
-    template : dict
-        Every name in document order, with its value where the value is fixed text and None for a group.
+    names : tuple of str
+        Every name, in document order.
     groups : dict
-        Name -> (group index, kind) for the values that are groups: kind "f" (a float token), "i" (an int
-        token) or "w" (a plain word, which may resolve to a bool or null, see :data:`YAML11_WORDS`).
+        Name -> (group index, kind): kind "f" (a float token), "i" (an int token), "w" (a plain word, which
+        may resolve to a bool or null, see :data:`YAML11_WORDS`) or "v" (any other value: text, quoted,
+        DateTime, a list).
     plan : object
         What the owning :class:`LayoutCache`'s planner made of this layout (None without a planner).
     """
 
-    def __init__(self, text: str, items: list[tuple[str, int, int]]):
-        pieces, names, kinds = [], [], []
-        self.template: dict[str, Any] = {}
-        cursor = 0
-        for name, start, end in items:
-            token = text[start:end]
-            kind = next((k for k, pattern in _KINDS if pattern.fullmatch(token)), None)
-            self.template[name] = None if kind else _scalar(token)
-            if kind is not None:
-                pieces += [re.escape(text[cursor:start]), _GROUPS[kind]]
-                names.append(name)
-                kinds.append(kind)
+    def __init__(self, text: str, items: list[tuple[str, re.Match]]):
+        pieces, names, kinds, cursor = [], [], [], 0
+        for style, match in items:
+            names.append(_scalar(match["name"]))
+            token = match["value"]
+            kind = next((k for k, pattern in _KINDS if pattern.fullmatch(token)), _ANY_VALUE)
+            kinds.append(kind)
+            comment = f"(?:{_COMMENTS[style]}|{re.escape(match['comment'])})"  # the learned one was checked
+            cuts = [(match.span("value"), _GROUPS.get(kind) or f"({_VALUES[style]})"),
+                    (match.span("comment"), comment)]
+            if style == "flow":
+                cuts += [(match.span(group), _SEPARATOR) for group in _SEPARATOR_GROUPS]
+            for (start, end), pattern in sorted(cuts):
+                pieces += [re.escape(text[cursor:start]), pattern]
                 cursor = end
         pieces.append(re.escape(text[cursor:]))
         self.regex = re.compile("".join(pieces))
+        self.names = tuple(names)
         self.groups = {name: (j, kind) for j, (name, kind) in enumerate(zip(names, kinds))}
-        by_kind = {k: [j for j, kj in enumerate(kinds) if kj == k] for k in _GROUPS}
+        by_kind = {k: [j for j, kj in enumerate(kinds) if kj == k] for k in (*_GROUPS, _ANY_VALUE)}
         self._floats, self._ints, self._words = (group_getter(by_kind[k]) for k in _GROUPS)
         self._float_names, self._int_names, self._word_names = (tuple(names[j] for j in by_kind[k])
                                                                  for k in _GROUPS)
+        self._values = tuple((names[j], j) for j in by_kind[_ANY_VALUE])
         self.plan: Any = None
 
+    def check(self, groups: tuple[str, ...]) -> None:
+        """Raise Fallback when :func:`parse_items` would for a matched document's groups.
+
+        Only "v" groups can: a plain scalar PyYAML resolves to a form it constructs itself (``07``, a date).
+        """
+        for _, j in self._values:
+            _value(groups[j])
+
     def record(self, match: re.Match) -> dict[str, Any]:
-        """What :func:`parse_items` returns for the matched document."""
+        """What :func:`parse_items` returns for the matched document (Fallback where it raises Fallback)."""
         groups = match.groups()
-        record = self.template.copy()
+        record = dict.fromkeys(self.names)
         record.update(zip(self._float_names, layout_floats(self._floats(groups))))
         record.update(zip(self._int_names, map(int, self._ints(groups))))
         words = self._words(groups)
         record.update(zip(self._word_names, map(YAML11_WORDS.get, words, words)))
+        for name, j in self._values:
+            value = _value(groups[j])
+            record[name] = value[-1] if type(value) is list else value
         return record
 
 
@@ -248,7 +379,10 @@ class LayoutCache:
 
     A reader owns one (reading tasks make their own), so nothing is shared between readers or kept in the
     module. Give :meth:`learn` every document :func:`parse_items` read: the second one with the same names
-    as an earlier one becomes a layout, and :meth:`match` then finds it for the documents that follow.
+    as an earlier one becomes a layout, and :meth:`match` then finds it for the documents that follow. A
+    document with known names that no layout matched (its values took another form: a list, a quoted
+    string...) is learned again at the 4th, 8th, 16th... such document, so a campaign whose files change
+    form settles on layouts for its forms while one whose every file differs costs few compilations.
 
     Parameters
     ----------
@@ -282,20 +416,21 @@ class LayoutCache:
         return None
 
     def learn(self, text: str, record: dict[str, Any]) -> None:
-        """Count a document :func:`parse_items` read as ``record``; make a layout of the second with its names."""
+        """Count a document :func:`parse_items` read as ``record``; make a layout at the 2nd, 4th, 8th... of
+        its names."""
         if self.max_layouts < 1 or len(text) > self.max_chars:
             return
         key = tuple(record)
         if len(self._seen) >= self.max_names:
             self._seen.clear()
         seen = self._seen[key] = self._seen.get(key, 0) + 1
-        if seen != 2:
+        if seen < 2 or seen & (seen - 1):
             return
-        item, start = _item_pattern(text)
-        items = [(m.group(1), m.start(3), m.end(3)) for m in item.finditer(text, start)]
+        items = list(_items(text))
         if len(items) != len(record):  # a repeated name: left to the item parser
             return
         layout = Layout(text, items)
+        self.layouts = [old for old in self.layouts if old.regex.pattern != layout.regex.pattern]
         if self.planner is not None:
             layout.plan = self.planner(layout)
         self.layouts.insert(0, layout)
@@ -318,12 +453,14 @@ class _BadTag(Exception):
 
 
 def _loader_class(kind: str) -> type:
-    """A safe loader that builds the PropertyList tag into a list of items and names any other tag."""
+    """A safe loader that builds the PropertyList tag into a list of items, a DateTime into its string, and
+    names any other tag; documents with aliases are refused (a statistics file has none, and they can expand
+    without bound)."""
     if kind not in ("c", "pure"):
         raise ValueError(f"loader must be 'c' or 'pure', got {kind!r}")
     base = getattr(yaml, "CSafeLoader", yaml.SafeLoader) if kind == "c" else yaml.SafeLoader
 
-    class Loader(base):  # type: ignore[misc, valid-type]
+    class Loader(without_aliases(base)):  # type: ignore[misc]
         pass
 
     def property_list(loader, node):
@@ -331,10 +468,17 @@ def _loader_class(kind: str) -> type:
             raise _BadTag(f"the {PROPERTYLIST_TAG} tag is on a {node.id}, not a sequence")
         return PropertyList(loader.construct_sequence(node, deep=True))
 
+    def date_time(loader, node):
+        if not isinstance(node, yaml.ScalarNode):
+            raise _BadTag(f"the {DATETIME_TAG} tag is on a {node.id}, not a string")
+        return loader.construct_scalar(node)
+
     def other_tag(loader, suffix, node):
-        raise _BadTag(f"unexpected YAML tag {node.tag!r} (expected !<{PROPERTYLIST_TAG}> or a plain mapping)")
+        raise _BadTag(f"unexpected YAML tag {short_repr(node.tag)} (expected !<{PROPERTYLIST_TAG}> or a plain "
+                      "mapping)")
 
     Loader.add_constructor(PROPERTYLIST_TAG, property_list)
+    Loader.add_constructor(DATETIME_TAG, date_time)
     Loader.add_multi_constructor("", other_tag)
     return Loader
 
@@ -356,13 +500,13 @@ def load(text: str, loader: str = "c") -> Any:
     Raises
     ------
     PropertyListError
-        Not valid YAML (with the line), or a tag other than the PropertyList's.
+        Not valid YAML (with the line), a tag other than the PropertyList's (or a DateTime), or an alias.
     """
     if loader not in _LOADERS:
         raise ValueError(f"loader must be 'c' or 'pure', got {loader!r}")
     try:
         return yaml.load(text, Loader=_LOADERS[loader])
-    except _BadTag as err:
+    except (_BadTag, AliasRefused) as err:
         raise PropertyListError(str(err)) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -384,7 +528,7 @@ def record_from_items(items: list) -> dict[str, Any]:
     for n, item in enumerate(items):
         if not isinstance(item, list) or len(item) < 3:
             raise PropertyListError(f"PropertyList item {n} is not a [name, type, value, comment] list: "
-                                    f"{item!r:.80}")
+                                    f"{short_repr(item, 80)}")
         value = item[2]
         if isinstance(value, list):  # a repeated key: the last value is the scalar value
             if not value:
@@ -393,7 +537,7 @@ def record_from_items(items: list) -> dict[str, Any]:
         try:
             record[item[0]] = value
         except TypeError:  # a list or mapping as the name
-            raise PropertyListError(f"PropertyList item {n} has an unhashable name: {item[0]!r:.60}") from None
+            raise PropertyListError(f"PropertyList item {n} has an unhashable name: {short_repr(item[0])}") from None
     return record
 
 

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._text import short_repr
+
 __all__ = [
     "AMP_NAME_PREFIX",
     "AMP_VARIABLES",
@@ -28,6 +30,7 @@ __all__ = [
     "DET_VARIABLES",
     "EXPOSURE_MULTIPLIER",
     "LEVELS",
+    "MAX_PIXEL_COUNT",
     "OBS_ID_PATTERN",
     "ON_ERROR",
     "LEGACY_SCALES_DATASET_TYPE",
@@ -86,6 +89,10 @@ STAT_INDEX = {stat: i for i, stat in enumerate(STAT_NAMES)}
 VALUE_STAT = "MEDIAN"
 #: The pixel count: the solver's weight, so it may be NaN (no data) but never negative.
 COUNT_STAT = "N"
+#: The largest pixel count a record may hold: 2**53, the largest integer a float64 holds exactly, and far
+#: more pixels than any camera has (LSSTCam: 3.2e9). A larger count (1e+200, 1e+308, inf) is a corrupt
+#: file, and as a weight it would overflow the solver's sums and spoil a whole filter.
+MAX_PIXEL_COUNT = 2**53
 #: Statistics a record may lack (they read as NaN); the others are required.
 OPTIONAL_STATS = frozenset({"SIGMA"})
 #: The order in which cp_pipe writes a record's statistics, with their PropertyList element types.
@@ -190,14 +197,17 @@ def _statistic(record: Mapping[str, Any], key: str, stat: str, path) -> float:
     if type(value) is float:  # what parsers hand over nearly always: no further checks
         number = value
     elif isinstance(value, (bool, np.bool_)) or not isinstance(value, _NUMBER_TYPES):
-        raise StatsFormatError(path, f"not a number: {value!r:.60}", key=key)
+        raise StatsFormatError(path, f"not a number: {short_repr(value)}", key=key)
     else:
         try:
             number = float(value)
         except OverflowError:  # an int beyond the float range
-            raise StatsFormatError(path, f"number out of range: {value!r:.60}", key=key) from None
-    if stat == COUNT_STAT and number < 0:
-        raise StatsFormatError(path, f"negative pixel count {number:g}", key=key)
+            raise StatsFormatError(path, f"number out of range: {short_repr(value)}", key=key) from None
+    if stat == COUNT_STAT and not 0 <= number <= MAX_PIXEL_COUNT and number == number:  # NaN: no data
+        if number < 0:
+            raise StatsFormatError(path, f"negative pixel count {number:g}", key=key)
+        raise StatsFormatError(path, f"pixel count {number:g} beyond 2**53 (more pixels than any camera has)",
+                               key=key)
     return number
 
 
@@ -222,7 +232,7 @@ def amplifier_names(record: Mapping[str, Any], path: str | os.PathLike | None = 
     while (key := amp_name_key(len(names))) in record:
         name = record[key]
         if not isinstance(name, str):
-            raise StatsFormatError(path, f"amplifier name is not a string: {name!r:.60}", key=key)
+            raise StatsFormatError(path, f"amplifier name is not a string: {short_repr(name)}", key=key)
         names.append(name)
     if sum(1 for k in record if isinstance(k, str) and k.startswith(AMP_NAME_PREFIX)) != len(names):
         raise StatsFormatError(path, "missing while higher-numbered amplifier names exist",
@@ -235,7 +245,8 @@ def extract_stats(record: Mapping[str, Any], path: str | os.PathLike | None = No
 
     ``*_MEDIAN`` and ``*_N`` are required for the detector and every amplifier; ``*_SIGMA`` is optional (NaN
     when absent). Amplifiers are ``AMP_NAME_0`` .. ``AMP_NAME_{n-1}`` with no gap. NaN values are kept (the
-    solver leaves such cells out); a count may be NaN but not negative. Python and numpy numbers are
+    solver leaves such cells out); a count may be NaN but not negative nor beyond :data:`MAX_PIXEL_COUNT`
+    (2**53). Python and numpy numbers are
     numbers; bools and strings are not. The first problem found is reported: the detector's statistics,
     then the amplifier names, then each amplifier's statistics in turn.
 
@@ -249,7 +260,8 @@ def extract_stats(record: Mapping[str, Any], path: str | os.PathLike | None = No
     Raises
     ------
     StatsFormatError
-        Naming ``path`` and the key: missing, not a number, out of the float range, a negative count, a gap
+        Naming ``path`` and the key: missing, not a number, out of the float range, a negative count or one
+        beyond 2**53, a gap
         in the amplifier numbering or a name that is not a string.
     """
     det = np.array([_statistic(record, key, stat, path) for key, stat in _DETECTOR_KEYS])

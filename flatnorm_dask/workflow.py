@@ -294,7 +294,8 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
     worker memory is then bounded by the chunk size, not by the campaign's.
     """
     inp, solve = cfg.input, cfg.solve
-    tree = read_campaign(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera)
+    tree = read_campaign(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera,
+                         max_file_bytes=inp.max_file_bytes)
     nodes = group_datasets(tree)
     extra = {"camera": str(inp.camera)} if inp.camera else {}
     inputs = {name: level_inputs(ds, solve.level).assign_attrs(physical_filter=name, **extra)
@@ -308,7 +309,7 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
 
     def solve_one(name: str) -> tuple[xr.Dataset, ScaleResult]:
         ds = staged[name]
-        found = problems(nodes[name], ds["status"].values)
+        found = problems(nodes[name], ds["status"].values, inp.max_file_bytes)
         held = memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)
         fit = solve_dataset(ds, solve.level, **_solver_options(solve),
                             persist=held <= solve.persist_max_mb * 2**20)

@@ -8,8 +8,9 @@ import yaml
 #: Files the tests read (see data/README.md for their sources).
 DATA = Path(__file__).parent / "data"
 
-# Spelled here, not imported: the tests check flatnorm_dask.propertylist against LSST's tag, not against itself.
+# Spelled here, not imported: the tests check flatnorm_dask.propertylist against LSST's tags, not against itself.
 TAG = "lsst.daf.base.PropertyList"
+DATETIME_TAG = "lsst.daf.base.DateTime"  # daf_base writes a DateTime value as this tag on its ISO-8601 string
 
 
 class PropertyListLoader(yaml.SafeLoader):
@@ -17,6 +18,7 @@ class PropertyListLoader(yaml.SafeLoader):
 
 
 PropertyListLoader.add_constructor(TAG, lambda loader, node: loader.construct_sequence(node, deep=True))
+PropertyListLoader.add_constructor(DATETIME_TAG, lambda loader, node: loader.construct_scalar(node))
 
 
 class PropertyListDumper(yaml.SafeDumper):
@@ -27,7 +29,12 @@ class Items(list):
     """A list that PropertyListDumper writes as a tagged PropertyList sequence."""
 
 
+class DateTime(str):
+    """An ISO-8601 TAI time that PropertyListDumper writes as daf_base writes a DateTime element's value."""
+
+
 PropertyListDumper.add_representer(Items, lambda dumper, data: dumper.represent_sequence(TAG, list(data)))
+PropertyListDumper.add_representer(DateTime, lambda dumper, data: dumper.represent_scalar(DATETIME_TAG, str(data)))
 
 
 def error_line(result) -> str:

@@ -53,7 +53,7 @@ def _unreadable(path):
 # name -> (how to break the file, a regular expression the reason must match)
 FAULTS = {
     "truncated": (lambda p: p.write_text(p.read_text()[:700]), r"missing|PropertyList item \d+ is not a \[name"),
-    "garbage": (lambda p: p.write_bytes(bytes(range(256)) * 3), r"not UTF-8"),
+    "garbage": (lambda p: p.write_bytes(bytes(range(256)) * 3), r"NUL byte at byte 0: a binary file"),
     "empty": (lambda p: p.write_text(""), r"empty file"),
     "wrong_tag": (_retag, r"unexpected YAML tag 'lsst.daf.base.PropertySet'"),
     "missing_key": (_set_item("DETECTOR_N", rename="OTHER_KEY"), r"DETECTOR_N: missing"),

@@ -21,6 +21,7 @@ __all__ = [
     "decode_text",
     "read_bytes",
     "read_text",
+    "too_large",
     "without_aliases",
 ]
 
@@ -75,7 +76,7 @@ def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
             kind = next((name for test, name in _KINDS if test(info.st_mode)), "a special file")
             raise RefusedFile(f"not a regular file ({kind}): refused, it could block or never end")
         if info.st_size > max_bytes:
-            raise RefusedFile(_too_large(info.st_size, max_bytes))
+            raise too_large(max_bytes, info.st_size)
         chunks, size = [], 0
         while size <= max_bytes:
             chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - size))
@@ -83,16 +84,18 @@ def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
-        if size > max_bytes:
-            raise RefusedFile(_too_large(size, max_bytes, growing=True))
+        if size > max_bytes:  # a size the file system did not know (or a file still growing)
+            raise too_large(max_bytes)
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def _too_large(size: int, max_bytes: int, growing: bool = False) -> str:
-    more = "more than " if growing else ""
-    return f"{more}{size:,} bytes, larger than the limit of {max_bytes:,} bytes"
+def too_large(max_bytes: int, size: int | None = None) -> RefusedFile:
+    """The refusal of a file of ``size`` bytes (None: known only to be larger) beyond ``max_bytes``."""
+    if size is None:
+        return RefusedFile(f"more than the limit of {max_bytes:,} bytes")
+    return RefusedFile(f"{size:,} bytes, larger than the limit of {max_bytes:,} bytes")
 
 
 def decode_text(data: bytes) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ._text import one_line
-from .bounded import RefusedFile
+from .bounded import RefusedFile, too_large
 
 __all__ = ["DEFAULT_MAX_REQUESTS", "RemoteReader", "is_remote"]
 
@@ -106,7 +106,7 @@ class RemoteReader:
             result = obstore.get(self._store(bucket), key)
             size = result.meta["size"]
             if size > self.max_bytes:
-                raise RefusedFile(f"{size:,} bytes, larger than the limit of {self.max_bytes:,} bytes")
+                raise too_large(self.max_bytes, size)
             data = bytes(result.bytes())
         except NotFoundError:
             raise FileNotFoundError(f"no such object: s3://{bucket}/{key}") from None
@@ -114,8 +114,8 @@ class RemoteReader:
             raise PermissionError(_short(err)) from None
         except BaseError as err:
             raise OSError(_short(err)) from None
-        if len(data) > self.max_bytes:  # the object changed under the GET: never trust a size alone
-            raise RefusedFile(f"more than {self.max_bytes:,} bytes")
+        if len(data) > self.max_bytes:  # never trust a size alone
+            raise too_large(self.max_bytes)
         return data
 
     def _store(self, bucket: str) -> Any:
@@ -145,7 +145,7 @@ class RemoteReader:
         except Exception as err:  # noqa: BLE001 - the library's own errors (botocore, requests...)
             raise OSError(_short(err)) from None
         if len(data) > self.max_bytes:
-            raise RefusedFile(f"more than {self.max_bytes:,} bytes, larger than the limit")
+            raise too_large(self.max_bytes)
         return data
 
 

@@ -203,7 +203,8 @@ def _statistic(record: Mapping[str, Any], key: str, stat: str, path) -> float:
             number = float(value)
         except OverflowError:  # an int beyond the float range
             raise StatsFormatError(path, f"number out of range: {short_repr(value)}", key=key) from None
-    if stat == COUNT_STAT and not 0 <= number <= MAX_PIXEL_COUNT and number == number:  # NaN: no data
+    if stat == COUNT_STAT and (not 0 <= number <= MAX_PIXEL_COUNT or type(value) is not float
+                               and value > MAX_PIXEL_COUNT) and number == number:  # NaN: no data
         if number < 0:
             raise StatsFormatError(path, f"negative pixel count {number:g}", key=key)
         raise StatsFormatError(path, f"pixel count {number:g} beyond 2**53 (more pixels than any camera has)",

@@ -8,7 +8,7 @@ cp_pipe pipelines' names (:data:`~flatnorm_dask.schema.STATISTICS_DATASET_TYPE` 
 - :func:`find_inputs` asks the registry for the statistics datasets of some collections and returns the same
   file table as :func:`flatnorm_dask.ingest.discover` (``path, exposure, detector, physical_filter``), with
   the ids taken from the data ids and the paths from the datastore (local files as plain paths, remote ones
-  as URIs that :func:`flatnorm_dask.formats.read_stats_file` reads through ``lsst.resources``), and, when
+  as URIs that :class:`flatnorm_dask.formats.StatsReader` reads, see :mod:`flatnorm_dask.remote`), and, when
   asked, exposure record fields to down-select on.  The files are then read by our own parser in the usual
   batched Dask tasks; the butler never reads them.
 - :class:`ScalesOutput` checks an output repository before the run and, once the Zarr store is committed,

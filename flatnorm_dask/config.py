@@ -195,8 +195,9 @@ class InputConfig:
         None, "path", "LSST butler repository whose registry lists the inputs, instead of root + pattern / "
         "manifest.",
         "A root directory, butler.yaml or alias.  Exposure, detector and physical_filter come from the data "
-        "ids, and the files are read by our own parser in the same Dask tasks (S3/WebDAV URIs through "
-        "lsst.resources).  Needs the butler extra: pip install 'flatnorm-dask[butler]'.",
+        "ids, and the files are read by our own parser in the same Dask tasks (s3:// through obstore, the s3 "
+        "extra; WebDAV/https through lsst.resources).  Needs the butler extra: pip install "
+        "'flatnorm-dask[butler]'.",
         nullable=True, metavar="REPO")
     collections: list[str] | None = _option(
         None, "strlist", "Butler collections searched in order, a list or one comma-separated string; "

@@ -108,11 +108,11 @@ class RemoteReader:
             if size > self.max_bytes:
                 raise too_large(self.max_bytes, size)
             data = bytes(result.bytes())
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             raise FileNotFoundError(f"no such object: s3://{bucket}/{key}") from None
-        except (PermissionDeniedError, UnauthenticatedError) as err:
+        except (PermissionDeniedError, UnauthenticatedError, PermissionError) as err:
             raise PermissionError(_short(err)) from None
-        except BaseError as err:
+        except (BaseError, OSError) as err:  # network, timeouts, server errors (after obstore's retries)
             raise OSError(_short(err)) from None
         if len(data) > self.max_bytes:  # never trust a size alone
             raise too_large(self.max_bytes)

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_formats.py [--files 20000] [--dir DIR] [--sample 500] [--batch 1000] [--repeat 3]
+                                       [--shape-files 2000] [--only-shapes]
 
 Writes ``--files`` PropertyList YAML files (block style, as the butler writes them) of a simulated LSSTCam
 campaign (189 detectors x 16 amplifiers, as many exposures as needed) under ``--dir`` (default: a fresh
@@ -18,6 +19,14 @@ directory in ``/dev/shm`` when it exists, so that the disk does not dominate; re
 - the same on a 2-worker ``distributed.LocalCluster`` (processes, one thread each) over all files in
   batches of ``--batch`` files per task, one reader per task (cluster start-up timed apart), and the same
   batches on a plain ``multiprocessing.Pool`` of as many processes: the parallel speed-up this machine allows.
+
+Then the shapes of issue 14 (every valid PropertyList the butler can write takes the fast path): ``--shape-files``
+files of each shape, the same LSSTCam record plus names with spaces and dots, list values of repeated keys,
+one item of every element type (DateTime, Undef, Bool, the integer types, Float, quoted strings), wrapped long
+comments, flow style, and a campaign mixing block and flow files; each shape's cost per file through one
+StatsReader (CPU time of the process, the best of ``--repeat`` passes interleaved over the shapes, so that a
+shared machine's load falls on all alike; wall time beside it) is printed beside the plain file's, measured in
+the same run (goal: at most 1.5x), with PyYAML's C loader on the same shape for scale.
 
 Diagnostics: a reader whose layout cache does not learn (``LayoutCache(max_layouts=0)``: the item-by-item
 parser, what a first file or files of all-different layouts cost) on the sample, ``read_stats_file`` (a
@@ -44,6 +53,7 @@ import numpy as np
 import yaml
 
 TAG = "lsst.daf.base.PropertyList"
+DATETIME_TAG = "lsst.daf.base.DateTime"
 
 
 class _ButlerLoader(yaml.SafeLoader):
@@ -56,6 +66,23 @@ class _CLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
 
 for _loader in (_ButlerLoader, _CLoader):
     _loader.add_constructor(TAG, lambda loader, node: loader.construct_sequence(node, deep=True))
+    _loader.add_constructor(DATETIME_TAG, lambda loader, node: loader.construct_scalar(node))
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML writing a PropertyList as daf_base's representers do."""
+
+
+class _Items(list):
+    pass
+
+
+class _DateTime(str):
+    pass
+
+
+_Dumper.add_representer(_Items, lambda dumper, data: dumper.represent_sequence(TAG, list(data)))
+_Dumper.add_representer(_DateTime, lambda dumper, data: dumper.represent_scalar(DATETIME_TAG, str(data)))
 
 
 def read_batch(paths: list[str]) -> np.ndarray:
@@ -106,6 +133,94 @@ def write_files(n_files: int, outdir: Path) -> list[str]:
     return [str(outdir / r["path"]) for r in rows[:n_files]]
 
 
+SHAPES = ("plain", "names with spaces and dots", "list values", "every element type", "wrapped comments",
+          "flow style", "block and flow mixed")
+
+
+def shape_items(shape: str, i: int, rng: np.random.Generator) -> list[list]:
+    """[name, type, value, comment] items of one LSSTCam statistics record of a shape (see the docstring)."""
+    from flatnorm_dask.schema import written_keys
+
+    items = []
+    for key, stat, amp, typ in written_keys(16):
+        if stat is None:
+            value = f"C1{amp}" if amp < 8 else f"C0{15 - amp}"
+        elif stat == "N":
+            value = int(rng.integers(900_000, 1_000_000))
+        else:
+            value = float(rng.normal(20_000, 100))
+        items.append([key, typ, value, ""])
+    if shape == "names with spaces and dots":
+        items += [[f"LSST ISR OVERSCAN MEDIAN C1{k}", "Double", float(rng.normal(1000, 5)), ""] for k in range(4)]
+        items += [[f"LSST.ISR.GAIN.C1{k}", "Double", float(rng.normal(1.5, 0.01)), ""] for k in range(4)]
+    elif shape == "list values":
+        items += [[f"ISR OVERSCAN ROWS {k}", "Double", [float(x) for x in rng.normal(size=4)], ""] for k in range(4)]
+    elif shape == "every element type":
+        items += [["FLAG", "Bool", bool(i % 2), ""], ["SHORT", "Short", i % 100, ""], ["INT", "Int", i, ""],
+                  ["LONG", "Long", -i, ""], ["LONGLONG", "LongLong", 2**40 + i, ""],
+                  ["ULONGLONG", "UnsignedLongLong", 2**63 + i, ""],
+                  ["FLOAT", "Float", float(np.float32(rng.normal())), ""], ["DOUBLE", "Double", float(rng.normal()), ""],
+                  ["STRING", "String", "it's: quoted" if i % 2 else "plain words", ""],
+                  ["DATE-OBS", "DateTime", _DateTime(f"2025-11-{1 + i % 28:02d}T03:04:05.{i:09d}Z"), "TAI"],
+                  ["UNDEFINED", "Undef", None, ""]]
+    elif shape == "wrapped comments":
+        comment = "statistic of the amplifier after ISR, sigma-clipped at 3 sigma; see the task documentation"
+        items = [[name, typ, value, comment] for name, typ, value, _ in items]
+    return items
+
+
+def write_shapes(outdir: Path, n_files: int) -> dict[str, list[str]]:
+    """``n_files`` files of each shape under ``outdir``."""
+    rng = np.random.default_rng(2)
+    paths: dict[str, list[str]] = {}
+    for shape in SHAPES:
+        paths[shape] = []
+        for i in range(n_files):
+            flow = shape == "flow style" or (shape == "block and flow mixed" and i % 2)
+            text = yaml.dump(_Items(shape_items(shape, i, rng)), Dumper=_Dumper,
+                             default_flow_style=None if flow else False, sort_keys=False)
+            path = outdir / f"shape_{SHAPES.index(shape)}_{i}.yaml"
+            path.write_text(text)
+            paths[shape].append(str(path))
+    return paths
+
+
+def run_shapes(args, outdir: Path) -> None:
+    from flatnorm_dask import propertylist as pl
+    from flatnorm_dask.formats import StatsReader
+
+    paths = write_shapes(outdir, args.shape_files)
+    for shape in SHAPES:
+        for path in paths[shape][:3]:
+            pl.parse_items(Path(path).read_text())  # Fallback here would mean the shape misses the fast path
+    # Passes interleaved over the shapes, best of --repeat each: load on a shared machine hits them alike.
+    # CPU time of this process is the cost compared (wall time is printed beside it).
+    wall = {shape: math.inf for shape in SHAPES}
+    cpu = dict(wall)
+    for _ in range(args.repeat):
+        for shape in SHAPES:
+            reader = StatsReader()  # a new one each pass, as each reading task has its own
+            t0, c0 = time.perf_counter(), time.process_time()
+            for path in paths[shape]:
+                reader.read(path)
+            wall[shape] = min(wall[shape], (time.perf_counter() - t0) / len(paths[shape]))
+            cpu[shape] = min(cpu[shape], (time.process_time() - c0) / len(paths[shape]))
+            assert reader.layouts.layouts and all(layout.plan for layout in reader.layouts.layouts), shape
+    us = 1e6
+    print(f"\nshapes ({args.shape_files} files each, one StatsReader serially, best of {args.repeat} interleaved "
+          f"passes; PyYAML's C loader on {min(args.sample, args.shape_files)} of them)")
+    print(f"  {'shape':28s} {'bytes':>6s} {'CPU (us)':>9s} {'/ plain':>8s} {'wall (us)':>10s} {'/ plain':>8s} "
+          f"{'CSafeLoader (us)':>17s}")
+    for shape in SHAPES:
+        files = paths[shape]
+        clib = _best(lambda: _yaml(files[: args.sample], _CLoader), 1) / min(args.sample, len(files))
+        size = sum(os.path.getsize(p) for p in files) / len(files)
+        print(f"  {shape:28s} {size:6.0f} {cpu[shape] * us:9.1f} {cpu[shape] / cpu['plain']:7.2f}x "
+              f"{wall[shape] * us:10.1f} {wall[shape] / wall['plain']:7.2f}x {clib * us:17.1f}")
+    worst = max(SHAPES, key=lambda shape: cpu[shape] / cpu["plain"])
+    print(f"  worst: {worst}, {cpu[worst] / cpu['plain']:.2f}x the plain file's CPU time (goal: at most 1.5x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=20_000)
@@ -115,6 +230,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="files per cluster task")
     parser.add_argument("--repeat", type=int, default=3, help="passes per serial timing (best is kept)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shape-files", type=int, default=2000, help="files of each shape")
+    parser.add_argument("--only-shapes", action="store_true", help="time the shapes only")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     args = parser.parse_args()
 
@@ -123,7 +240,9 @@ def main() -> None:
         Path(base).mkdir(parents=True, exist_ok=True)
     outdir = Path(tempfile.mkdtemp(prefix="bench_formats_", dir=base))
     try:
-        run(args, outdir)
+        if not args.only_shapes:
+            run(args, outdir)
+        run_shapes(args, outdir)
     finally:
         if not args.keep:
             shutil.rmtree(outdir, ignore_errors=True)

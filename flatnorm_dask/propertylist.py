@@ -115,6 +115,10 @@ _PLAIN_START = r"[A-Za-z0-9_.()/+=$;<\\^~]"
 _QCHARS = r"[^'\x00-\x1f\x7f]"  # inside single quotes
 _DQUOTED = r'"[^"\\\x00-\x1f\x7f]*+"'
 _DATETIME = rf"!<{re.escape(DATETIME_TAG)}> '{_QCHARS}*+'"
+# Numbers that read without a doubt: no '+' sign, no '-0', ints of at most 300 digits (Python's int() limit).
+_FLOAT_TOKEN = r"-?[0-9]++\.[0-9]++(?:[eE][-+][0-9]++)?+|-?\.inf|\.nan"
+_INT_TOKEN = r"0|-?[1-9][0-9]{0,299}+"
+_SAFE_NUMBER = f"(?:{_FLOAT_TOKEN}|{_INT_TOKEN})"
 # Comments are never used, but must be valid YAML scalars for the two paths to agree on what is an error:
 # PyYAML fails on e.g. ``2001-13-45`` or ``0x_`` as a date or an int. A plain one that starts with a
 # character no YAML 1.1 resolver claims is always valid (in flow style without '?': the pure loader ends a
@@ -127,13 +131,15 @@ _COMMENT_CHARS = {"block": r"[^#:'\"\x00-\x1f\x7f]", "flow": r"[^#:,?\[\]{}'\"\x
 _RESOLVERS = yaml.resolver.Resolver.yaml_implicit_resolvers
 
 
-def _plain(indent: int, context: str) -> str:
+def _plain(indent: int, context: str, start: str | None = None) -> str:
+    """A plain scalar in a context; ``start``: a regex its first character must match instead of the usual."""
     chars = _WORD_CHARS[context]
     follows = f"[{chars}#:]" if context == "block" else f"[{chars}#]"  # a non-space that may go on a word
     within = rf"(?:[{chars}#]|:(?={follows}))" if context == "block" else f"[{chars}#]"
     word = rf"[{chars}]{within}*+"
     lead = "-?:" if context == "block" else "-"  # indicators only when a space follows
-    return rf"(?:{_PLAIN_START}|[{lead}](?={follows})){within}*+(?: ++{word}|\n {{{indent}}}{word})*+"
+    first = start or rf"(?:{_PLAIN_START}|[{lead}](?={follows}))"
+    return rf"{first}{within}*+(?: ++{word}|\n {{{indent}}}{word})*+"
 
 
 def _squoted(indent: int) -> str:
@@ -141,7 +147,10 @@ def _squoted(indent: int) -> str:
     return rf"'(?:{_QCHARS}++|''|(?<=[^ '])\n {{{indent}}}(?=[^ '\x00-\x1f\x7f]))*+'"
 
 
-def _scalar_pattern(indent: int, context: str) -> str:
+def _scalar_pattern(indent: int, context: str, safe: bool = False) -> str:
+    """A scalar; ``safe``: only forms that always read without PyYAML (see _SAFE_VALUES)."""
+    if safe:
+        return f"(?>{_SAFE_NUMBER}|{_plain(indent, context, '[A-Za-z_]')}|{_squoted(indent)}|{_DQUOTED}|{_DATETIME})"
     return f"(?>{_plain(indent, context)}|{_squoted(indent)}|{_DQUOTED}|{_DATETIME})"
 
 
@@ -151,14 +160,20 @@ def _comment_pattern(style: str, indent: int) -> str:
     return f"(?:{_squoted(indent)}|{_DQUOTED}|{plain})"
 
 
-# A repeated key's values, in a block item: a flow list wrapped at 4, or a block list at 4; elements at 6.
-_FLOW_LIST = rf"\[{_scalar_pattern(6, 'flow')}(?:,(?: |\n {{4}}){_scalar_pattern(6, 'flow')})*+\]"
-_BLOCK_LIST = rf"- {_scalar_pattern(6, 'block')}(?:\n {{4}}- {_scalar_pattern(6, 'block')})*+"
+def _value_pattern(style: str, safe: bool = False) -> str:
+    """The value of an item: in a block item a scalar or a repeated key's list (a flow list wrapped at 4, or
+    a block list at 4; elements at 6), in a flow item a scalar."""
+    if style == "flow":
+        return _scalar_pattern(4, "flow", safe)
+    flow_element, block_element = _scalar_pattern(6, "flow", safe), _scalar_pattern(6, "block", safe)
+    flow_list = rf"\[{flow_element}(?:,(?: |\n {{4}}){flow_element})*+\]"
+    block_list = rf"- {block_element}(?:\n {{4}}- {block_element})*+"
+    return f"(?>{_scalar_pattern(4, 'block', safe)}|{flow_list}|{block_list})"
+
+
 _BLOCK_LIST_SEPARATOR = "\n    - "
 _LIST_ELEMENT = re.compile(rf"({_scalar_pattern(6, 'flow')})(,(?: |\n {{4}})|\])")
-#: The value of an item: in a block item a scalar or a list, in a flow item a scalar.
-_VALUES = {"block": f"(?>{_scalar_pattern(4, 'block')}|{_FLOW_LIST}|{_BLOCK_LIST})",
-           "flow": _scalar_pattern(4, "flow")}
+_VALUES = {style: _value_pattern(style) for style in STYLES}
 _NAMES = {style: f"(?>{_plain(4, style)}|{_squoted(4)}|{_DQUOTED})" for style in STYLES}
 #: Between a flow item's elements: a comma, spaces or a wrap to the item's indentation (2).
 _SEPARATOR = r" *+,(?>\n  | *+)"
@@ -202,7 +217,10 @@ def _scalar(token: str) -> Any:
         if "." in token:
             special = _SPECIALS.get(token.lower())
             return float(token) if special is None else special
-        return int(token)
+        try:
+            return int(token)
+        except ValueError:  # beyond Python's digit limit: PyYAML's error to report
+            raise Fallback from None
     for _, regex in _RESOLVERS.get(first, ()):
         if regex.match(text):  # another number, a date, null, merge or value: PyYAML's to construct
             raise Fallback
@@ -288,12 +306,17 @@ def parse_items(text: str) -> dict[str, Any]:
 # matches reads exactly as the item parser would read it.
 
 _GROUPS = {  # group kind -> regex of the tokens a group of that kind takes
-    "f": r"(-?[0-9]++\.[0-9]++(?:[eE][-+][0-9]++)?+|-?\.inf|\.nan)",
-    "i": r"(0|-?[1-9][0-9]{0,299}+)",
+    "f": f"({_FLOAT_TOKEN})",
+    "i": f"({_INT_TOKEN})",
     "w": r"([A-Za-z_][A-Za-z0-9_]*+)",
 }
 _KINDS = tuple((kind, re.compile(group)) for kind, group in _GROUPS.items())
-_ANY_VALUE = "v"  # the kind of any other value: the item parser's value pattern, read by _value
+_ANY_VALUE = "v"  # the kind of any other value, read by _value
+# A "v" value whose every scalar is a number above, a plain scalar starting with a letter, or quoted: it
+# always reads without PyYAML, so a layout group of this pattern needs no check; other values take the item
+# parser's pattern, and the layout checks them (Layout.check).
+_SAFE_VALUES = {style: _value_pattern(style, safe=True) for style in STYLES}
+_SAFE_VALUE = {style: re.compile(pattern) for style, pattern in _SAFE_VALUES.items()}
 
 
 def layout_floats(tokens) -> list[float]:
@@ -327,15 +350,22 @@ class Layout:
     """
 
     def __init__(self, text: str, items: list[tuple[str, re.Match]]):
-        pieces, names, kinds, cursor = [], [], [], 0
+        pieces, names, kinds, checked, cursor = [], [], [], [], 0
         for style, match in items:
             names.append(_scalar(match["name"]))
             token = match["value"]
             kind = next((k for k, pattern in _KINDS if pattern.fullmatch(token)), _ANY_VALUE)
             kinds.append(kind)
-            comment = f"(?:{_COMMENTS[style]}|{re.escape(match['comment'])})"  # the learned one was checked
-            cuts = [(match.span("value"), _GROUPS.get(kind) or f"({_VALUES[style]})"),
-                    (match.span("comment"), comment)]
+            if kind in _GROUPS:
+                group = _GROUPS[kind]
+            elif _SAFE_VALUE[style].fullmatch(token):
+                group = f"({_SAFE_VALUES[style]})"
+            else:
+                group = f"({_VALUES[style]})"
+                checked.append(len(kinds) - 1)
+            # The learned comment first (it was checked, and comments rarely change), then any safe one.
+            comment = f"(?:{re.escape(match['comment'])}|{_COMMENTS[style]})"
+            cuts = [(match.span("value"), group), (match.span("comment"), comment)]
             if style == "flow":
                 cuts += [(match.span(group), _SEPARATOR) for group in _SEPARATOR_GROUPS]
             for (start, end), pattern in sorted(cuts):
@@ -350,14 +380,16 @@ class Layout:
         self._float_names, self._int_names, self._word_names = (tuple(names[j] for j in by_kind[k])
                                                                  for k in _GROUPS)
         self._values = tuple((names[j], j) for j in by_kind[_ANY_VALUE])
+        self._checked = tuple(checked)
         self.plan: Any = None
 
     def check(self, groups: tuple[str, ...]) -> None:
         """Raise Fallback when :func:`parse_items` would for a matched document's groups.
 
-        Only "v" groups can: a plain scalar PyYAML resolves to a form it constructs itself (``07``, a date).
+        Only "v" groups of the item parser's general pattern can: a plain scalar PyYAML resolves to a form it
+        constructs itself (``07``, a date).
         """
-        for _, j in self._values:
+        for j in self._checked:
             _value(groups[j])
 
     def record(self, match: re.Match) -> dict[str, Any]:

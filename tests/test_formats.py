@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -39,9 +40,10 @@ def dump(items, style="block", explicit_start=False, width=None, allow_unicode=F
 
 
 def independent_record(text):
-    """Name -> value through yaml.load with our own constructor; a list value's last element wins."""
+    """Name -> value through yaml.load with our own constructor; a list value's last element wins (an empty
+    list, which daf_base never writes, gives no value)."""
     items = yaml.load(text, Loader=PropertyListLoader)
-    return {i[0]: (i[2][-1] if isinstance(i[2], list) else i[2]) for i in items}
+    return {i[0]: (i[2][-1] if isinstance(i[2], list) else i[2]) for i in items if i[2] != []}
 
 
 def expected_row(record):
@@ -999,3 +1001,61 @@ def test_every_shape_the_butler_writes_takes_the_fast_path(items, style, explici
     if all(isinstance(k, str) for k in independent_record(text)):  # PyYAML quotes a name such as "1.5"
         assert same(record, {k: (str(v) if isinstance(v, DateTime) else v) for k, v in expected.items()})
         assert takes_fast_path(text), text
+
+
+# Hand-edited variants of the new shapes: the fast path takes exactly those it reads as PyYAML does.
+_BLOCK_ITEM = HEADER + "- - {name}\n  - {typ}\n  - {value}\n  - {comment}\n"
+_FLOW_ITEM = HEADER + "- [{name}, {typ}, {value}, {comment}]\n"
+SHAPE_EDGES = {  # name -> (document, takes the fast path)
+    "wrap at 5 spaces": (_BLOCK_ITEM.format(name="A", typ="String", value="a b\n     c", comment="''"), False),
+    "wrap at 3 spaces": (_BLOCK_ITEM.format(name="A", typ="String", value="a b\n   c", comment="''"), False),
+    "space before a wrap": (_BLOCK_ITEM.format(name="A", typ="String", value="a \n    c", comment="''"), False),
+    "wrapped quoted": (_BLOCK_ITEM.format(name="A", typ="String", value="'a\n    c'", comment="''"), True),
+    "quoted wrap after a space": (_BLOCK_ITEM.format(name="A", typ="String", value="'a \n    c'", comment="''"),
+                                  False),
+    "plain DateTime": (_BLOCK_ITEM.format(name="D", typ="DateTime", value="!<lsst.daf.base.DateTime> 2025-01-01",
+                                          comment="''"), False),
+    "DateTime": (_FLOW_ITEM.format(name="D", typ="DateTime", value="!<lsst.daf.base.DateTime> '2025-01-01'",
+                                   comment="TAI"), True),
+    "other tag": (_FLOW_ITEM.format(name="D", typ="DateTime", value="!<lsst.daf.base.Other> '2025-01-01'",
+                                    comment="''"), False),
+    "name 1.5": (_FLOW_ITEM.format(name="1.5", typ="Double", value="1.0", comment="''"), False),
+    "name '1.5'": (_FLOW_ITEM.format(name="'1.5'", typ="Double", value="1.0", comment="''"), True),
+    "name with spaces": (_FLOW_ITEM.format(name="LSST ISR  GAIN", typ="Double", value="1.0", comment="''"), True),
+    "octal value": (_FLOW_ITEM.format(name="A", typ="Int", value="0755", comment="''"), False),
+    "date value": (_FLOW_ITEM.format(name="A", typ="String", value="2025-01-01", comment="''"), False),
+    "path value": (_FLOW_ITEM.format(name="A", typ="String", value="/repo/a b/c.fits", comment="''"), True),
+    "dash value": (_FLOW_ITEM.format(name="A", typ="String", value="-x", comment="''"), True),
+    "hash inside": (_BLOCK_ITEM.format(name="A", typ="String", value="a#b", comment="c#d"), True),
+    "space hash": (_BLOCK_ITEM.format(name="A", typ="String", value="a #b", comment="''"), False),
+    "block colon": (_BLOCK_ITEM.format(name="A", typ="String", value="a:b", comment="''"), True),
+    "flow colon": (_FLOW_ITEM.format(name="A", typ="String", value="a:b", comment="''"), False),
+    "block list": (_BLOCK_ITEM.format(name="A", typ="Int", value="- 1\n    - 2", comment="''"), True),
+    "block list at 6": (_BLOCK_ITEM.format(name="A", typ="Int", value="- 1\n      - 2", comment="''"),
+                        True),  # one element, "1 - 2": its second line continues the first, as YAML reads it
+    "flow list wrapped": (_BLOCK_ITEM.format(name="A", typ="Int", value="[1, 2,\n    3]", comment="''"), True),
+    "empty list": (_BLOCK_ITEM.format(name="A", typ="Int", value="[]", comment="''"), False),
+    "list of lists": (_BLOCK_ITEM.format(name="A", typ="Int", value="[[1], 2]", comment="''"), False),
+    "digit comment": (_FLOW_ITEM.format(name="A", typ="Double", value="1.5", comment="2 amplifiers"), True),
+    "bad date comment": (_FLOW_ITEM.format(name="A", typ="Double", value="1.5", comment="2001-13-45"), False),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_EDGES))
+def test_new_shapes_hand_edited(name):
+    text, fast = SHAPE_EDGES[name]
+    assert takes_fast_path(text) == fast
+    record = assert_paths_agree(text)
+    if record is not None:
+        assert same(record, independent_record(text))
+
+
+def test_matching_is_linear_on_hostile_documents():
+    # Many item starts that each fail late: matching item by item from the last one's end, never searching.
+    cases = [HEADER + "- [A, Double, 'x" * 200_000, HEADER + "- - A\n  - Double\n  - 1.5\n  - x y" * 100_000 + "#",
+             HEADER + "- [" + "a " * 1_000_000 + ":"]
+    for text in cases:
+        start = time.perf_counter()
+        with pytest.raises(pl.Fallback):
+            pl.parse_items(text)
+        assert time.perf_counter() - start < 5

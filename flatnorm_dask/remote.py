@@ -29,9 +29,10 @@ from .bounded import RefusedFile, too_large
 
 __all__ = ["DEFAULT_MAX_REQUESTS", "RemoteReader", "is_remote"]
 
-#: Requests in flight per reader: at 20-50 ms a GET, 32 overlap enough for a worker to parse at full speed,
-#: and hold at most 32 file bodies in memory.
-DEFAULT_MAX_REQUESTS = 32
+#: Requests in flight per reader: at 20-50 ms a GET, 64 overlap enough for a worker to parse at full speed
+#: (measured: 2,000 files at 20 ms, 8 in flight 6x the serial speed, 32 13x, 64 15x), holding at most 64 file
+#: bodies in memory (each at most ``input.max_file_bytes``; a flatStats file is about 4 KB).
+DEFAULT_MAX_REQUESTS = 64
 _MESSAGE_CHARS = 200
 
 

@@ -17,7 +17,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0+unknown"
 
 # Imported on first use: the campaign reader needs pandas and xarray, which a light command never loads.
-_LAZY = {"read_campaign": "ingest", "read_stats_file": "formats"}
+_LAZY = {"read_campaign": "ingest", "read_stats_file": "formats", "open_store": "store"}
 
 __all__ = [
     "ScaleResult",
@@ -25,6 +25,7 @@ __all__ = [
     "compare",
     "measure_scales",
     "normalize",
+    "open_store",
     "read_campaign",
     "read_stats_file",
     "records_to_matrices",

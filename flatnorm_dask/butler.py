@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,9 @@ from ._text import one_line
 from .config import OPTIONS
 from .ingest import IngestError
 from .schema import SCALES_DATASET_TYPE, STATISTICS_DATASET_TYPE
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +290,9 @@ class ScalesOutput:
         # Not kept open: a database connection may not survive hours of solving.
         return cls(repo=repo, run=run, instrument=instrument, filters=list(filters), dataset_type=dataset_type)
 
-    def put(self, store: str | os.PathLike) -> list[str]:
-        """Put every filter's scales of a committed store; all or nothing (one registry transaction).
+    def put(self, store: str | os.PathLike | xr.DataTree) -> list[str]:
+        """Put every filter's scales of a committed store (its path, or its opened tree); all or nothing (one
+        registry transaction).
 
         Each dataset holds :func:`flatnorm_dask.store.export_scales` of its filter: exposures without a
         usable cell are left out of ``expScale``.  Registers the dataset type and the run when absent.

@@ -7,9 +7,12 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +277,42 @@ def _choose_scheduler(args: argparse.Namespace, scheduler: str) -> None:
     setattr(args, "cluster.scheduler", scheduler)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt, so that every clean-up that runs for one runs for both."""
+
+
+#: Exit status and message of a run stopped by a signal (128 + the signal's number, as a shell reports it).
+_STOPPED = {signal.SIGINT: (128 + signal.SIGINT, "interrupted (SIGINT)"),
+            signal.SIGTERM: (128 + signal.SIGTERM, "terminated (SIGTERM)")}
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """First SIGINT or SIGTERM: stop the run with an exception, so that the store's staging directory is removed
+    and the cluster closed on the way out.  Later ones are ignored while that clean-up runs (it is bounded)."""
+    for sig in _STOPPED:
+        signal.signal(sig, signal.SIG_IGN)
+    # distributed's cancelled gathers and closing comms report themselves through these loggers: not news.
+    for noisy in ("asyncio", "distributed", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread while the command runs (not in a thread, where Python
+    cannot install handlers; an ignored SIGINT, as for a background job, stays ignored)."""
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread
+        for sig in _STOPPED:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None, *, scheduler: str | None = None) -> int:
     """The ``flatnorm`` command; returns its exit status.
 
@@ -287,12 +326,14 @@ def main(argv: list[str] | None = None, *, scheduler: str | None = None) -> int:
     if args.debug:
         log.setLevel(logging.DEBUG)
     try:
-        if scheduler is not None:
-            _choose_scheduler(args, scheduler)
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("flatnorm: interrupted", file=sys.stderr)
-        return 130
+        with _signals_stop_the_run():
+            if scheduler is not None:
+                _choose_scheduler(args, scheduler)
+            return args.func(args)
+    except KeyboardInterrupt as err:
+        status, what = _STOPPED[signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT]
+        print(f"flatnorm: {what}", file=sys.stderr)
+        return status
     except Exception as err:  # one line for the user; the traceback only on request
         if args.debug:
             raise

@@ -281,7 +281,19 @@ class OutputConfig:
         nullable=True, flag="--output", metavar="STORE.zarr")
     overwrite: bool = _option(
         False, "bool", "Replace an existing store.",
-        "The new store is written beside it and swapped in only once complete.")
+        "The new store is written beside it and swapped in only once complete; something that is not a "
+        "flatnorm store is never replaced.")
+    keep_versions: int = _option(
+        1, "int", "Previous versions of the store kept when a run replaces it.",
+        "A reader that opened the store (flatnorm_dask.open_store, e.g. in a notebook) keeps reading the version "
+        "it opened; once that version is deleted its reads fail with an error naming the store (never a mix of "
+        "two versions).  1 keeps the store readable through one overwrite; 0 deletes the old version at once.",
+        minimum=0, metavar="N")
+    lock_timeout: float = _option(
+        60.0, "float", "Seconds a run waits for another run's commit to the same store to finish.",
+        "A commit holds the store's lock file (.NAME.lock) only to check the store again and swap it in, a "
+        "moment; a longer wait means a run hung there.",
+        positive=True, metavar="SECONDS")
     scales_yaml: str | None = _option(
         None, "path", "Also write each physical_filter's scales as the YAML file the flat combination reads: "
         "a directory that gets PHYSICAL_FILTER.yaml per filter, or one .yaml file when the run has exactly one "

@@ -26,9 +26,11 @@ from .ingest import discover, problems, read_campaign, select_files, solver_inpu
 from .schema import parse_selection
 from .solver import ScaleResult, measure_scales, memory_bytes
 from .store import (
+    OutputPathError,
     append_variables,
     exposures_left_out,
     group_datasets,
+    open_store,
     scales_yaml_paths,
     store_transaction,
     write_groups,
@@ -243,8 +245,11 @@ def run(cfg: Config, *, show_progress: bool = True,
     if not output.store:
         raise ValueError("no output store given (output.store / --output)")
     store_path = Path(output.store)
+    if output.scales_yaml:
+        _outside_the_store(output.scales_yaml, store_path)
     # Entered first, so that an existing store is refused before any work; committed at the block's end.
-    with store_transaction(store_path, overwrite=output.overwrite) as staging:
+    with store_transaction(store_path, overwrite=output.overwrite, keep_versions=output.keep_versions,
+                           lock_timeout=output.lock_timeout) as txn:
         camera = load_camera(inp.camera) if inp.camera else None
         selection = parse_selection(inp.select) if inp.select else None
         fields = [selection[0]] if selection else []
@@ -266,11 +271,21 @@ def run(cfg: Config, *, show_progress: bool = True,
             output.butler, output.run, files.attrs.get("instrument") or inp.instrument, filters,
             output.dataset_type) if output.butler else None
         with cluster() if cluster is not None else contextlib.nullcontext():
-            summaries = _read_solve_write(cfg, files, camera, staging, show_progress)
-    scales_yaml = write_scales_yaml(store_path, output.scales_yaml) if output.scales_yaml else []
-    butler_datasets = outbox.put(store_path) if outbox is not None else []
+            summaries = _read_solve_write(cfg, files, camera, txn.staging, show_progress)
+    # Exported from the version this run committed, even if another run has committed since.
+    committed = open_store(txn.version) if output.scales_yaml or outbox is not None else None
+    scales_yaml = write_scales_yaml(committed, output.scales_yaml) if output.scales_yaml else []
+    butler_datasets = outbox.put(committed) if outbox is not None else []
     return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml,
                       butler_datasets=butler_datasets)
+
+
+def _outside_the_store(scales_yaml: str, store: Path) -> None:
+    """The scales YAML (a file, or a directory of them) never goes into the store: a committed version is
+    never changed."""
+    out, resolved = Path(scales_yaml).resolve(), store.resolve()
+    if out == resolved or resolved in out.parents:
+        raise OutputPathError(f"{scales_yaml}: the scales YAML cannot be the store {store} or inside it")
 
 
 #: Cells per dask chunk when solving from the store: large enough that a pass over a campaign is a handful
@@ -303,7 +318,7 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
     root_attrs = {"config": cfg.to_dict(), "versions": _versions(),
                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "filters": list(nodes), "n_files": int(len(files))}
-    log.info("reading %d files into %s", len(files), staging)
+    log.info("reading %d files into %s", len(files), cfg.output.store)
     _on_cluster(write_groups(staging, inputs, root_attrs=root_attrs), show_progress, keep=False)
     staged = {name: _solver_chunks(xr.open_zarr(staging, group=name, consolidated=False)) for name in nodes}
 

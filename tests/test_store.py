@@ -89,7 +89,12 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 
 def leftovers(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f".{path.name}.*"))
+    """Unfinished work beside or below a store: staging directories, versions being deleted, new pointers."""
+    found = [*path.parent.glob(f".{path.name}.partial-*"), *path.parent.glob(f".{path.name}.pointer-*")]
+    versions = path.parent / f".{path.name}.versions"
+    if versions.is_dir():
+        found += [p for p in versions.iterdir() if ".partial-" in p.name or ".deleting-" in p.name]
+    return sorted(found)
 
 
 @pytest.mark.parametrize("level", ["AMP", "DETECTOR"])
@@ -148,7 +153,8 @@ def test_bad_attrs_and_names_are_refused(tmp_path):
 def test_setup_then_delayed_chunk_writes(tmp_path):
     path = tmp_path / "s.zarr"
     staging = prepare_store(path)
-    assert staging.parent == tmp_path and staging.name.startswith(".s.zarr.partial-") and not any(staging.iterdir())
+    assert staging.parent == tmp_path / ".s.zarr.versions" and ".partial-" in staging.name
+    assert not any(staging.iterdir()) and not os.path.lexists(path)
     writes = write_groups(staging, {"r_57": make_group(chunks={"detector": 2, "exposure": 4})})
     assert len(writes) == 1 and all(isinstance(w, Delayed) for w in writes)
     # Metadata is in place; the dask-backed chunks are not written until the caller computes.
@@ -158,7 +164,9 @@ def test_setup_then_delayed_chunk_writes(tmp_path):
     assert (staging / "r_57" / "background" / "c").is_dir()
     with pytest.raises(StoreError, match="not empty"):
         write_groups(staging, {"r_57": make_group()})
-    assert commit_store(staging, path) == path and is_complete(path) and not staging.exists()
+    version = commit_store(staging, path)
+    assert version.store == path and version.path == path.resolve() and is_complete(path) and not staging.exists()
+    assert os.readlink(path) == f".s.zarr.versions/{version.id}"  # relative: the directory can be moved
 
 
 def test_interrupted_write_is_never_a_store(tmp_path):
@@ -233,8 +241,9 @@ def test_failed_swap_keeps_the_old_store(tmp_path, monkeypatch):
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(StoreError, match="old store is kept"):
+    with pytest.raises(StoreError) as err:
         write_store(path, {"r_57": make_group(seed=2)}, overwrite=True)
+    assert str(err.value) == f"{path}: cannot commit the new store: Read-only file system"
     monkeypatch.undo()
     assert snapshot(path) == before and is_complete(path) and not leftovers(path)
 
@@ -258,17 +267,25 @@ def test_overwrite_never_replaces_something_that_is_not_a_store(tmp_path):
     victim = tmp_path / "home"
     victim.mkdir()
     (victim / "thesis.tex").write_text("years of work")
-    with pytest.raises(StoreError, match="not a Zarr store"):
+    with pytest.raises(StoreError, match="exists and is not a flatnorm store; refusing to replace it, even with"):
         write_store(victim, {"r_57": make_group()}, overwrite=True)
     assert (victim / "thesis.tex").read_text() == "years of work" and not leftovers(victim)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # refused before anything was made
 
 
 def test_leftover_staging_is_reported_not_removed(tmp_path, caplog):
     path = tmp_path / "s.zarr"
-    old = prepare_store(path)
+    running = prepare_store(path)  # a run still writing (recent): not even reported
     with caplog.at_level(logging.WARNING, logger="flatnorm_dask.store"):
         write_store(path, {"r_57": make_group()})
-    assert old.is_dir() and "staging" in caplog.text and old.name in caplog.text
+    assert running.is_dir() and not caplog.text
+    killed = prepare_store(tmp_path / "t.zarr")  # a run killed two days ago
+    two_days_ago = killed.stat().st_mtime - 2 * 86400
+    os.utime(killed, (two_days_ago, two_days_ago))
+    with caplog.at_level(logging.WARNING, logger="flatnorm_dask.store"):
+        write_store(tmp_path / "t.zarr", {"r_57": make_group()})
+    assert killed.is_dir() and running.is_dir()
+    assert "1 unfinished write older than a day" in caplog.text and killed.name in caplog.text
 
 
 def test_distributed_write_from_workers_and_rerun_identical(tmp_path, dask_client):
@@ -321,23 +338,25 @@ def test_store_summary_reads_the_config_through_the_schema(tmp_path):
 
 def test_transaction_commits_or_leaves_nothing(tmp_path):
     path = tmp_path / "s.zarr"
-    with store_transaction(path) as staging:
-        assert staging.is_dir() and read_commit(staging) is None and not path.exists()
+    with store_transaction(path) as txn:
+        staging = txn.staging
+        assert staging.is_dir() and read_commit(staging) is None and not path.exists() and txn.version is None
         dask.compute(*write_groups(staging, {"r_57": make_group(chunks={"exposure": 4})}))
     assert is_complete(path) and not staging.exists() and not leftovers(path)
+    assert txn.version.path == path.resolve() and txn.version.store == path
     record = read_commit(path)
     assert record["groups"] == ["r_57"] and record == open_store(path).attrs[COMMIT_ATTR]
     before = snapshot(path)
     with pytest.raises(ZeroDivisionError):  # the work fails: the old store stays, the staging goes
-        with store_transaction(path, overwrite=True) as staging:
-            dask.compute(*write_groups(staging, {"r_57": make_group(seed=3)}))
+        with store_transaction(path, overwrite=True) as txn:
+            dask.compute(*write_groups(txn.staging, {"r_57": make_group(seed=3)}))
             1 / 0
     assert snapshot(path) == before and not leftovers(path)
     # Another run commits the same path first: this one loses at its commit and removes its staging.
     other = tmp_path / "t.zarr"
     with pytest.raises(StoreExistsError, match="exists; pass --overwrite"):
-        with store_transaction(other) as staging:
-            dask.compute(*write_groups(staging, {"r_57": make_group(seed=4)}))
+        with store_transaction(other) as txn:
+            dask.compute(*write_groups(txn.staging, {"r_57": make_group(seed=4)}))
             write_store(other, {"g_6": make_group(seed=5)})
     assert list(open_store(other).children) == ["g_6"] and not leftovers(other)
 

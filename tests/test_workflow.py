@@ -177,23 +177,25 @@ def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path
     written: list = []
     deadline = time.time() + 120
     while not written and proc.poll() is None and time.time() < deadline:
-        written = list(tmp_path.glob(".killed.zarr.partial-*/r_57/background/c"))
+        written = list(tmp_path.glob(".killed.zarr.versions/*.partial-*/r_57/background/c"))
         time.sleep(0.005)
     running = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)  # the client and its cluster, as a node failure would
     proc.wait()
     assert running and written, "the run ended (or never wrote) before it could be killed mid-write"
-    [partial] = tmp_path.glob(".killed.zarr.partial-*")
+    [partial] = tmp_path.glob(".killed.zarr.versions/*.partial-*")
     assert not store.exists() and not is_complete(store) and not is_complete(partial)
     with pytest.raises(IncompleteStoreError):
         open_store(partial)
     with pytest.raises(StoreError, match=f"^{store}: no such store$"):
         open_store(store)
-    # The same command again (on the shared cluster): a complete store, the numbers of the solver; the
-    # leftover is reported, not removed.
+    # The same command again (on the shared cluster), two days later: a complete store, the numbers of the
+    # solver; the leftover is reported, not removed.
+    two_days_ago = partial.stat().st_mtime - 2 * 86400
+    os.utime(partial, (two_days_ago, two_days_ago))
     result = flatnorm(*args, "--scheduler", scheduler_address)
     assert result.returncode == 0, result.stderr
-    assert partial.is_dir() and partial.name in result.stderr
+    assert partial.is_dir() and partial.name in result.stderr and "older than a day" in result.stderr
     ds = open_store(store)["r_57"].to_dataset()
     truth = tree["r_57"].to_dataset().sortby(["detector", "exposure"])
     np.testing.assert_allclose(ds["det_scale"].values, numpy_fit(truth, "AMP").vectorG, rtol=1e-12)

@@ -157,11 +157,12 @@ def append_variables(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> A
 
 
 def write_store(path: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,
-                root_attrs: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+                root_attrs: Mapping[str, Any] | None = None, **commit: Any) -> Path:
     """:func:`write_groups` and ``dask.compute`` (on the active scheduler or client) in one
-    :func:`flatnorm_dask.store.store_transaction`: the store is committed, or nothing is left."""
+    :func:`flatnorm_dask.store.store_transaction` (``commit``: its keywords, e.g. ``overwrite=True``): the store
+    is committed, or nothing is left.  Returns ``path``."""
     import dask
 
-    with store_transaction(path, overwrite=overwrite) as staging:
-        dask.compute(*write_groups(staging, datasets, root_attrs=root_attrs))
+    with store_transaction(path, **commit) as txn:
+        dask.compute(*write_groups(txn.staging, datasets, root_attrs=root_attrs))
     return Path(path)

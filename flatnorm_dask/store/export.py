@@ -19,8 +19,8 @@ import numpy as np
 import xarray as xr
 import yaml
 
-from .read import group_datasets, open_tree
-from .transaction import StoreError, staging_path
+from .read import group_datasets, open_store, resolve_store, verify_store
+from .transaction import OutputPathError, StoreError, StoreVersion, check_output_file, staging_path
 
 __all__ = ["YAML_SUFFIXES", "export_scales", "exposures_left_out", "scales_yaml_paths", "write_scales_yaml"]
 
@@ -28,11 +28,20 @@ __all__ = ["YAML_SUFFIXES", "export_scales", "exposures_left_out", "scales_yaml_
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
-def _groups(path_or_tree: str | os.PathLike | xr.DataTree,
+def _groups(path_or_tree: str | os.PathLike | StoreVersion | xr.DataTree,
             filters: Sequence[str] | None) -> tuple[str, dict[str, xr.Dataset]]:
-    """The groups of a store or tree (all, or ``filters`` in that order) and how messages name the source."""
-    source = "" if isinstance(path_or_tree, xr.DataTree) else f"{os.fspath(path_or_tree)}: "
-    groups = group_datasets(open_tree(path_or_tree))
+    """The groups of a store or tree (all, or ``filters`` in that order) and how messages name the source.
+
+    A store is verified first (:func:`flatnorm_dask.store.verify_store`: every file its commit lists is
+    there), and the version verified is the version read, whatever is committed meanwhile.
+    """
+    if isinstance(path_or_tree, xr.DataTree):
+        source, tree = "", path_or_tree
+    else:
+        version = resolve_store(path_or_tree)
+        verify_store(version)
+        source, tree = f"{os.fspath(version.store)}: ", open_store(version)
+    groups = group_datasets(tree)
     if filters is None:
         return source, groups
     unknown = [name for name in filters if name not in groups]
@@ -61,14 +70,15 @@ def _scales(ds: xr.Dataset, where: str) -> dict:
     )
 
 
-def export_scales(path_or_tree: str | os.PathLike | xr.DataTree,
+def export_scales(path_or_tree: str | os.PathLike | StoreVersion | xr.DataTree,
                   filters: Sequence[str] | None = None) -> dict[str, dict]:
     """The scales mapping of every group (or of ``filters``): ``{filter: {"expScale": ..., "detScale": ...}}``.
 
     Parameters
     ----------
-    path_or_tree : path-like or DataTree
-        A complete store (opened with :func:`flatnorm_dask.store.open_store`) or a tree shaped like one.
+    path_or_tree : path-like, StoreVersion or DataTree
+        A complete store (verified with :func:`flatnorm_dask.store.verify_store`, opened with
+        :func:`flatnorm_dask.store.open_store`) or a tree shaped like one.
     filters : sequence of str, optional
         Only these groups, in this order; an unknown name is an error.
 
@@ -140,6 +150,8 @@ def scales_yaml_paths(out: str | os.PathLike, filters: Sequence[str]) -> dict[st
     ValueError
         A ``.yaml`` path for several filters (or none), an existing directory where a file is asked, or a
         target that exists and is not a regular file (a directory, a FIFO, a device).
+    OutputPathError
+        A target whose directory cannot be made or written (:func:`flatnorm_dask.store.check_output_file`).
     """
     out = Path(out)
     filters = list(filters)
@@ -159,6 +171,7 @@ def scales_yaml_paths(out: str | os.PathLike, filters: Sequence[str]) -> dict[st
     for target in targets.values():
         if (target.exists() or target.is_symlink()) and not target.is_file():
             raise ValueError(f"{target}: exists and is not a regular file; it would not be replaced")
+        check_output_file(target)  # its directory, or the first one that exists, must be writable
     return targets
 
 
@@ -170,26 +183,31 @@ class _ScalesDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # C emitter
 
 
 def _write_yaml(data: dict, out_path: Path) -> None:
-    """Write beside ``out_path`` and rename into place, so a reader never sees half of it."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_path(out_path)
+    """Write beside ``out_path`` and rename into place, so a reader never sees half of it.  A symbolic link
+    keeps naming the file, which is replaced; an error names ``out_path``, not the temporary file."""
+    target = check_output_file(out_path)
+    tmp = staging_path(target)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             yaml.dump(data, f, Dumper=_ScalesDumper, default_flow_style=False, sort_keys=False)
-        os.replace(tmp, out_path)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputPathError(f"{out_path}: cannot write it: {err.strerror or err}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_scales_yaml(path_or_tree: str | os.PathLike | xr.DataTree, out: str | os.PathLike,
+def write_scales_yaml(path_or_tree: str | os.PathLike | StoreVersion | xr.DataTree, out: str | os.PathLike,
                       filters: Sequence[str] | None = None) -> list[Path]:
     """Write each filter's :func:`export_scales` as its own YAML file, where :func:`scales_yaml_paths` says.
 
     Parameters
     ----------
-    path_or_tree : path-like or DataTree
-        A complete store, or a tree shaped like one.
+    path_or_tree : path-like, StoreVersion or DataTree
+        A complete store (verified first), or a tree shaped like one.
     out : path-like
         A directory (``<physical_filter>.yaml`` per filter) or, for one filter, a ``.yaml`` file.
     filters : sequence of str, optional

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .read import group_datasets, open_store, stored_config
+from .read import group_datasets, open_store, resolve_store, stored_config, verify_store
 from .transaction import COMMIT_ATTR, StoreError
 
 if TYPE_CHECKING:
@@ -48,21 +48,29 @@ def _records(items: list, key: str, most: int) -> list[str]:
 
 def store_summary(path: str | os.PathLike, max_problems: int = 5) -> str:
     """What a store holds, for ``flatnorm info``: groups and their sizes, fit diagnostics, problems and
-    provenance.  Reads metadata only.
+    provenance.  Reads metadata only, after checking that every file the commit lists is there
+    (:func:`flatnorm_dask.store.verify_store`).
 
     Raises
     ------
+    DamagedStoreError
+        A file the commit manifest lists is missing or changed.
     StoreError, IncompleteStoreError
         As :func:`flatnorm_dask.store.open_store`.
     """
-    tree = open_store(path)
+    version = resolve_store(path)  # once: what is verified is what is shown, whatever commits meanwhile
+    checked = verify_store(version)
+    tree = open_store(version)
     attrs = dict(tree.attrs)
     marker = attrs.get(COMMIT_ATTR, {})
     lines = [f"flatnorm store {os.fspath(path)}"]
     versions = attrs.get("versions")
     if isinstance(versions, Mapping):
         lines.append("  written by " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    lines.append(f"  created {attrs.get('created', 'unknown')}, committed {marker.get('time', 'unknown')}")
+    verified = "written before commit manifests: files not verified" if checked is None else \
+        f"all {checked} files of its commit manifest present"
+    lines.append(f"  created {attrs.get('created', 'unknown')}, committed {marker.get('time', 'unknown')} "
+                 f"(version {version.id}); {verified}")
     try:
         cfg = stored_config(tree, path)
     except StoreError as err:  # still worth showing the rest

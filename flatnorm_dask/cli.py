@@ -82,7 +82,24 @@ def _execute(cfg, show_progress: bool):
 
     _quieten(log.isEnabledFor(logging.DEBUG))
     with dask.config.set(cfg.dask_settings()):  # the user's dask keys (jobqueue.*, distributed.*) for the run
-        return run(cfg, show_progress=show_progress, cluster=lambda: connect(cfg.cluster))
+        # The worker processes of a cluster started here leave Ctrl-C to this process (see dask_setup).
+        preload = dask.config.get("distributed.worker.preload", default=None) or []
+        with dask.config.set({"distributed.worker.preload": [*preload, _WORKER_PRELOAD]}):
+            return run(cfg, show_progress=show_progress, cluster=lambda: connect(cfg.cluster))
+
+
+#: This module, as the worker preload of the clusters the command starts (its name even under ``python -m``).
+_WORKER_PRELOAD = "flatnorm_dask.cli"
+
+
+def dask_setup(worker: Any) -> None:
+    """Worker preload (``distributed.worker.preload``) of the clusters a command starts: ignore SIGINT.
+
+    Ctrl-C in a terminal reaches every process of the foreground group.  The command handles it: it removes
+    its staging directory and closes the cluster, workers included.  A worker that handled it too would end
+    with a KeyboardInterrupt traceback of its own.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -2,12 +2,13 @@
 
 One module per job; this package re-exports their public names.
 
-- :mod:`~flatnorm_dask.store.transaction`: staging directory, commit record, publication by rename
-  (:func:`prepare_store`, :func:`commit_store`, :func:`abort_store`, :func:`store_transaction`).
+- :mod:`~flatnorm_dask.store.transaction`: staging directory, commit record and manifest, immutable versions
+  behind a symlink swapped under a lock (:func:`prepare_store`, :func:`commit_store`, :func:`abort_store`,
+  :func:`store_transaction`, :func:`current_version`, :func:`remove_store`, :func:`check_output_file`).
 - :mod:`~flatnorm_dask.store.encoding`: Datasets into Zarr groups (:func:`write_groups`,
   :func:`append_variables`, :func:`write_store`).
-- :mod:`~flatnorm_dask.store.read`: complete stores only (:func:`open_store`, :func:`is_complete`), their
-  groups and recorded config.
+- :mod:`~flatnorm_dask.store.read`: complete stores only, at the version current when opened
+  (:func:`open_store`, :func:`verify_store`, :func:`is_complete`), their groups and recorded config.
 - :mod:`~flatnorm_dask.store.summary`: :func:`store_summary`, the text of ``flatnorm info``.
 - :mod:`~flatnorm_dask.store.export`: ``cpFlatNormScales`` (:func:`export_scales`, :func:`write_scales_yaml`).
 """

@@ -239,7 +239,7 @@ def _kind(path: Path) -> str:
     (anything else: never replaced)."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: below a file, which _check_parent reports
         return "absent"
     except OSError as err:
         raise OutputPathError(f"{path}: cannot inspect it: {err.strerror or err}") from None
@@ -325,7 +325,7 @@ def check_output_file(path: str | os.PathLike) -> Path:
     target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     try:
         st = os.stat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: below a file, which _check_parent reports
         st = None
     except OSError as err:
         raise OutputPathError(f"{os.fspath(path)}: cannot inspect it: {err.strerror or err}") from None

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
+import zarr
 
 from flatnorm_dask.cli import main
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
@@ -78,13 +79,22 @@ def test_output_that_is_not_a_store_is_never_replaced(campaign, tmp_path, capsys
     link.symlink_to(elsewhere)
     fifo = tmp_path / "fifo.zarr"
     os.mkfifo(fifo)
-    for target in (notes, link, fifo, elsewhere):
+    other = tmp_path / "other.zarr"  # somebody else's Zarr store
+    zarr.create_group(str(other), zarr_format=3, attributes={"owner": "someone else"})
+    for target in (notes, link, fifo, elsewhere, other):
         for flags in ([], ["--overwrite"]):
             assert one_error(capsys, run_args(campaign, target, *flags)) == \
                 f"{target} exists and is not a flatnorm store; refusing to replace it, even with --overwrite"
     assert notes.read_text() == "keep me" and (elsewhere / "data.bin").stat().st_size == 10
     assert os.readlink(link) == str(elsewhere)
-    assert nothing_written(tmp_path, "notes.txt", "elsewhere", "link.zarr", "fifo.zarr")
+    assert zarr.open_group(str(other), mode="r").attrs["owner"] == "someone else"
+    assert nothing_written(tmp_path, "notes.txt", "elsewhere", "link.zarr", "fifo.zarr", "other.zarr")
+    # An empty directory (made by mkdir, say) is no one's data: --overwrite replaces it.
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    assert one_error(capsys, run_args(campaign, empty)) == f"{empty} exists; pass --overwrite to replace it"
+    write_store(empty, groups(), overwrite=True)
+    assert is_complete(empty) and os.path.islink(empty)
 
 
 def test_output_below_a_file_is_refused_before_any_work(campaign, tmp_path, capsys):

@@ -169,6 +169,10 @@ class CommittedStore(WrapperStore):
 def _committed(path: str | os.PathLike | StoreVersion) -> tuple[StoreVersion, dict[str, Any]]:
     version = resolve_store(path)
     record = read_commit(version.path)
+    if record is None and not isinstance(path, StoreVersion) and not version.path.exists():
+        # Resolved just before a commit retired that version: the pointer names a newer one now.
+        version = resolve_store(path)
+        record = read_commit(version.path)
     if record is None:
         raise IncompleteStoreError(version.store)
     return version, record

@@ -231,12 +231,18 @@ def _new_version_id(versions: Path) -> str:
     return f"{_stamp(now)}-{uuid.uuid4().hex[:12]}"
 
 
+def _version_id_before(version_id: str) -> str:
+    """A unique id sorting just before ``version_id`` (for a legacy store it replaces)."""
+    when = dt.datetime.strptime(version_id.split("-")[0], _STAMP) - dt.timedelta(microseconds=1)
+    return f"{_stamp(when)}-{uuid.uuid4().hex[:12]}"
+
+
 # --------------------------------------------------------------------------------------- what is at a path
 
 def _kind(path: Path) -> str:
     """What ``path`` holds: ``absent``; ``pointer`` (a store's symlink into its versions); ``legacy`` (a store
-    directory from before versions, or any Zarr store directory); ``empty`` (an empty directory); ``foreign``
-    (anything else: never replaced)."""
+    directory from before versions, holding its commit record); ``empty`` (an empty directory); ``foreign``
+    (anything else, another Zarr store included: never replaced)."""
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # the latter: below a file, which _check_parent reports
@@ -248,7 +254,7 @@ def _kind(path: Path) -> str:
         prefix = _versions_dir(path).name + "/"
         return "pointer" if target.startswith(prefix) and _VERSION_RE.match(target[len(prefix):]) else "foreign"
     if stat.S_ISDIR(st.st_mode):
-        if os.path.isfile(path / "zarr.json"):
+        if read_commit(path) is not None:
             return "legacy"
         try:
             with os.scandir(path) as entries:
@@ -434,7 +440,7 @@ def abort_store(staging: str | os.PathLike) -> None:
 
 def _fsync(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
     except OSError:
         return
     try:
@@ -484,11 +490,11 @@ def _seal(staging: Path) -> None:
     """Make the staged store a complete version: flushed, consolidated, its manifest and, last, its record."""
     import zarr
 
-    keys = _seal_files(staging)
     with warnings.catch_warnings():
         # zarr notes that consolidated metadata is not in the v3 spec yet; readers without it still work.
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
         zarr.consolidate_metadata(str(staging), zarr_format=3)
+    keys = _seal_files(staging)
     # Listed before the manifest is written: zarr warns about a file it does not know in a group's listing.
     groups = sorted(zarr.open_group(str(staging), mode="r", use_consolidated=False).group_keys())
     record = _commit_record(groups, _write_manifest(staging, keys))
@@ -507,11 +513,12 @@ def _commit_lock(path: Path, timeout: float) -> Iterator[None]:
     """
     lock = _lock_file(path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    except PermissionError:  # a lock file made by another user of a shared directory: reading is enough
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+        except PermissionError:  # a lock file made by another user of a shared directory: reading is enough
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
-        raise OutputPathError(f"{path}: cannot create its lock file beside it: {err.strerror or err}") from None
+        raise OutputPathError(f"{path}: cannot open its lock file beside it: {err.strerror or err}") from None
     locked = False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -558,8 +565,8 @@ def _publish(path: Path, version_id: str, replace: bool) -> None:
         raise StoreError(f"{path} exists and is not a flatnorm store; refusing to replace it, even with "
                          "--overwrite")
     moved = None
-    if kind == "legacy":
-        moved = _versions_dir(path) / _new_version_id(_versions_dir(path))
+    if kind == "legacy":  # becomes the version just before the new one
+        moved = _versions_dir(path) / _version_id_before(version_id)
         os.rename(path, moved)
     elif kind == "empty":
         os.rmdir(path)
@@ -637,7 +644,8 @@ def commit_store(staging: str | os.PathLike, path: str | os.PathLike, *, overwri
     """
     staging, path = Path(staging), Path(path)
     versions = _versions_dir(path)
-    if staging.parent != versions or f".{_PARTIAL}-" not in staging.name or not (staging / "zarr.json").is_file():
+    if f".{_PARTIAL}-" not in staging.name or not (staging / "zarr.json").is_file() or \
+            not versions.is_dir() or not os.path.samefile(staging.parent, versions):
         raise StoreError(f"{path}: nothing staged to commit (were its groups written?)")
     _seal(staging)
     _checkpoint("sealed", path)
@@ -705,6 +713,7 @@ def remove_store(path: str | os.PathLike, *, lock_timeout: float = OutputConfig.
         raise StoreError(f"{path} is not a flatnorm store; refusing to remove it")
     with _commit_lock(path, lock_timeout):
         if kind == "legacy":
+            _versions_dir(path).mkdir(exist_ok=True)
             os.rename(path, _versions_dir(path) / _new_version_id(_versions_dir(path)))
         elif kind in ("pointer", "empty"):
             (os.unlink if kind == "pointer" else os.rmdir)(path)

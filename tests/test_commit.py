@@ -170,18 +170,12 @@ def test_orders_are_every_interleaving():
 
 
 @pytest.mark.parametrize("initial", [False, True], ids=["fresh", "existing"])
-@pytest.mark.parametrize("overwrite", list(itertools.product([False, True], repeat=2)),
+@pytest.mark.parametrize("overwrite", [flags for n_runs in (2, 3) for flags in itertools.product([False, True],
+                                                                                                repeat=n_runs)],
                          ids=lambda o: "".join("o" if x else "-" for x in o))
-def test_every_interleaving_of_two_runs(tmp_path, template, no_fsync, overwrite, initial):
-    for n, order in enumerate(orders(2)):
-        play(tmp_path / f"case{n}", template, order, overwrite, initial)
-
-
-@pytest.mark.parametrize("initial", [False, True], ids=["fresh", "existing"])
-@pytest.mark.parametrize("overwrite", list(itertools.product([False, True], repeat=3)),
-                         ids=lambda o: "".join("o" if x else "-" for x in o))
-def test_every_interleaving_of_three_runs(tmp_path, template, no_fsync, overwrite, initial):
-    for n, order in enumerate(orders(3)):
+def test_every_interleaving(tmp_path, template, no_fsync, overwrite, initial):
+    """Two or three runs (``o``: with overwrite), on a fresh path or an existing store, in every order."""
+    for n, order in enumerate(orders(len(overwrite))):
         play(tmp_path / f"case{n}", template, order, overwrite, initial)
 
 

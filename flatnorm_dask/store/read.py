@@ -25,8 +25,8 @@ from .transaction import (
     IncompleteStoreError,
     StoreError,
     StoreVersion,
-    is_staging,
     read_commit,
+    version_id_of,
 )
 
 if TYPE_CHECKING:
@@ -70,10 +70,7 @@ def resolve_store(path: str | os.PathLike | StoreVersion) -> StoreVersion:
     real = Path(os.path.realpath(path))
     if not real.exists():
         raise StoreError(f"{path}: the store's current version is missing (removed by hand?)")
-    parent = real.parent.name
-    if parent.startswith(".") and parent.endswith(".versions") and not is_staging(real):
-        return StoreVersion(path, real.name, real)
-    return StoreVersion(path, LEGACY_VERSION, real)
+    return StoreVersion(path, version_id_of(real) or LEGACY_VERSION, real)
 
 
 def _read_manifest(version: StoreVersion, record: Mapping[str, Any]) -> dict[str, int]:

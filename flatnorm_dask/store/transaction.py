@@ -80,6 +80,7 @@ __all__ = [
     "remove_store",
     "staging_path",
     "store_transaction",
+    "version_id_of",
 ]
 
 #: Root attribute whose presence makes a store complete: the commit record.
@@ -90,6 +91,7 @@ MANIFEST_FILE = "flatnorm-manifest.json"
 LEGACY_VERSION = "legacy"
 
 # Name parts of the hidden entries beside and below a store.
+_VERSIONS = ".versions"  # .NAME.versions: the directory of the versions
 _PARTIAL = "partial"  # a write in progress (a staging directory, or a file published by a rename)
 _DELETING = "deleting"  # a version on its way out
 _POINTER = "pointer"  # a new pointer about to be renamed over the old one
@@ -186,7 +188,16 @@ def _checkpoint(step: str, store: Path) -> None:
 # ------------------------------------------------------------------------------------------------- naming
 
 def _versions_dir(path: Path) -> Path:
-    return path.with_name(f".{path.name}.versions")
+    return path.with_name(f".{path.name}{_VERSIONS}")
+
+
+def version_id_of(directory: str | os.PathLike) -> str | None:
+    """The version id of a committed version's directory (``.NAME.versions/<id>``), else None."""
+    directory = Path(directory)
+    parent = directory.parent.name
+    if parent.startswith(".") and parent.endswith(_VERSIONS) and _VERSION_RE.match(directory.name):
+        return directory.name
+    return None
 
 
 def _lock_file(path: Path) -> Path:

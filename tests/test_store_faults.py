@@ -32,7 +32,9 @@ from flatnorm_dask.store import (
     is_complete,
     open_store,
     prepare_store,
+    store_transaction,
     verify_store,
+    write_groups,
     write_scales_yaml,
     write_store,
 )
@@ -139,6 +141,19 @@ def test_export_target_is_checked_before_reading(tmp_path, capsys):
     assert write_scales_yaml(store, link) == link and os.path.islink(link)
     assert yaml.safe_load(real.read_text()) == export_scales(store)
     assert not [p for p in real.parent.iterdir() if p.name != "scales.yaml"]  # no temporary file left
+
+
+def test_a_write_failing_on_a_worker_names_the_store(tmp_path, dask_client):
+    """A chunk that cannot be written (a full disk, say; here a file in the way of its directory), on a worker:
+    the error names the store, not the file in the staging directory, and nothing is left."""
+    store = tmp_path / "s.zarr"
+    with pytest.raises(StoreError) as err:
+        with store_transaction(store) as txn:
+            writes = write_groups(txn.staging, groups())
+            (txn.staging / "r_57" / "det_scale" / "c").write_text("in the way")
+            dask_client.compute(writes, sync=True)
+    assert str(err.value) == f"{store}: cannot write it: Not a directory"
+    assert nothing_written(tmp_path)
 
 
 def test_output_checks_of_the_store(tmp_path):

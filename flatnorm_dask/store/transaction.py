@@ -712,9 +712,21 @@ def store_transaction(path: str | os.PathLike, *, overwrite: bool = False, expec
         yield txn
         txn.version = commit_store(txn.staging, path, overwrite=overwrite, expect_version=expect_version,
                                    keep_versions=keep_versions, lock_timeout=lock_timeout)
+    except OSError as err:
+        abort_store(txn.staging)
+        if _inside(err, txn.staging):  # e.g. a full disk: say which store, not which file of the staging
+            raise OutputPathError(f"{path}: cannot write it: {err.strerror or err}") from err
+        raise
     except BaseException:
         abort_store(txn.staging)
         raise
+
+
+def _inside(err: OSError, directory: Path) -> bool:
+    """Whether the error names a file below ``directory``."""
+    where = os.path.abspath(directory) + os.sep
+    return any(isinstance(name, str) and os.path.abspath(name).startswith(where)
+               for name in (err.filename, err.filename2))
 
 
 def remove_store(path: str | os.PathLike, *, lock_timeout: float = OutputConfig.lock_timeout) -> None:

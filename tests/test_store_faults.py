@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -26,8 +28,11 @@ from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_camp
 from flatnorm_dask.store import (
     MANIFEST_FILE,
     DamagedStoreError,
+    StagingStore,
     StoreError,
+    abort_store,
     check_output_file,
+    commit_store,
     export_scales,
     is_complete,
     open_store,
@@ -153,7 +158,32 @@ def test_a_write_failing_on_a_worker_names_the_store(tmp_path, dask_client):
             (txn.staging / "r_57" / "det_scale" / "c").write_text("in the way")
             dask_client.compute(writes, sync=True)
     assert str(err.value) == f"{store}: cannot write it: Not a directory"
+    deadline = time.monotonic() + 60  # the other chunk writes may still be running: let them end
+    while any(dask_client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert nothing_written(tmp_path)
+
+
+def test_a_late_write_never_brings_back_an_abandoned_staging(tmp_path):
+    """A chunk write that starts after its run failed elsewhere (zarr's LocalStore would make the directory
+    again) is refused; nor can anything be written into a committed version."""
+    store = tmp_path / "s.zarr"
+    staging = prepare_store(store)
+    dask.compute(*write_groups(staging, groups()), scheduler="sync")
+    # As a worker holds it: the store unpickled, the array opened before the run failed.
+    late = zarr.open_array(pickle.loads(pickle.dumps(StagingStore(staging))), path="r_57/det_scale", mode="r+")
+    abort_store(staging)
+    with pytest.raises(StoreError, match="this write came after its store was committed or abandoned"):
+        late[0, 0] = 2.0
+    assert nothing_written(tmp_path)
+    staging = prepare_store(store)
+    dask.compute(*write_groups(staging, groups()), scheduler="sync")
+    late = zarr.open_array(StagingStore(staging), path="r_57/det_scale", mode="r+")
+    commit_store(staging, store)
+    with pytest.raises(StoreError, match="this write came after"):
+        late[0, 0] = 2.0
+    assert is_complete(store)
 
 
 def test_output_checks_of_the_store(tmp_path):

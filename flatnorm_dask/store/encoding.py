@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 from .read import group_datasets
-from .transaction import COMMIT_ATTR, StoreError, store_transaction
+from .transaction import COMMIT_ATTR, StagingStore, StoreError, store_transaction
 
 __all__ = ["append_variables", "write_groups", "write_store"]
 
@@ -132,8 +132,9 @@ def write_groups(staging: str | os.PathLike, datasets: Mapping[str, xr.Dataset] 
     if COMMIT_ATTR in attrs:
         raise ValueError(f"root attribute {COMMIT_ATTR!r} is reserved for the commit marker")
     groups = {_check_group_name(name): ds for name, ds in group_datasets(datasets).items()}
-    zarr.create_group(str(staging), zarr_format=3, attributes=attrs)
-    return [_zarr_ready(ds, name).to_zarr(str(staging), group=name, mode="w-", compute=False, zarr_format=3,
+    store = StagingStore(staging)
+    zarr.create_group(store, zarr_format=3, attributes=attrs)
+    return [_zarr_ready(ds, name).to_zarr(store, group=name, mode="w-", compute=False, zarr_format=3,
                                           consolidated=False)
             for name, ds in groups.items()]
 
@@ -148,12 +149,13 @@ def append_variables(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> A
     import zarr
 
     name = _check_group_name(name)
-    group = zarr.open_group(str(staging), path=name, mode="r+", zarr_format=3)
+    store = StagingStore(staging)
+    group = zarr.open_group(store, path=name, mode="r+", zarr_format=3)
     ready = _zarr_ready(ds.assign_attrs({**dict(group.attrs), **ds.attrs}), name)
     existing = [v for v in ready.data_vars if v in set(group.array_keys())]
     if existing:
         raise StoreError(f"{staging}/{name}: variables {existing} are already written")
-    return ready.to_zarr(str(staging), group=name, mode="a", compute=False, zarr_format=3, consolidated=False)
+    return ready.to_zarr(store, group=name, mode="a", compute=False, zarr_format=3, consolidated=False)
 
 
 def write_store(path: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,

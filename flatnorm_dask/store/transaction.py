@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zarr.storage import LocalStore
+
 from ..config import OutputConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ __all__ = [
     "StoreChangedError",
     "StoreError",
     "StoreExistsError",
+    "StagingStore",
     "StoreTransaction",
     "StoreVersion",
     "abort_store",
@@ -445,11 +448,45 @@ def _report_leftovers(path: Path, versions: Path) -> None:
 
 def abort_store(staging: str | os.PathLike) -> None:
     """Remove a staging directory and whatever was written into it (the transaction is abandoned), and the
-    versions directory it was in if that is now empty (a first run that failed leaves nothing)."""
+    versions directory it was in if that is now empty (a first run that failed leaves nothing).
+
+    The directory is first renamed away, so that a write still running on a worker (the run failed at another
+    task) finds no staging directory and is refused (:class:`StagingStore`) instead of making it again.
+    """
     staging = Path(staging)
-    shutil.rmtree(staging, ignore_errors=True)
+    doomed = staging.with_name(f"{staging.name}.{_DELETING}-{uuid.uuid4().hex[:12]}")
+    try:
+        os.rename(staging, doomed)
+    except OSError:
+        doomed = staging
+    shutil.rmtree(doomed, ignore_errors=True)
     with contextlib.suppress(OSError):
         staging.parent.rmdir()
+
+
+class StagingStore(LocalStore):
+    """The Zarr store a staging directory is written through (on workers too): it never creates its root.
+
+    zarr's LocalStore makes its directory again on any write; a chunk write still running on a worker after
+    its run failed elsewhere (and removed the staging directory) would bring it back.  Here such a write, or
+    one after the commit renamed the directory, is refused.
+    """
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root}: this write came after its store was committed or abandoned")
+
+    async def _open(self, *, mode: Any = None) -> None:
+        self._require_root()
+        await super()._open(mode=mode)
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        self._require_root()
+        await super()._set(key, value, exclusive=exclusive)
+
+    def _ensure_open_sync(self) -> None:
+        self._require_root()
+        super()._ensure_open_sync()
 
 
 def _fsync(path: Path) -> None:

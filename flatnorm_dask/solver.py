@@ -14,6 +14,10 @@ and exposure vectors.
 The fit's diagnostics are defined here and nowhere else: the residual ``log(B / model)`` of every usable
 cell (lazy on dask), its weighted scatter over the cells that entered the fit, and that scatter per row and
 per exposure.
+
+A fit never returns non-finite numbers where the input had usable cells: weights too large for the sums
+(:func:`max_weight`) and any non-finite scale, scatter or uncertainty of a row or exposure with usable cells
+raise :class:`FitError`, naming the rows and exposures concerned.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONVERGENCE_TOL", "ScaleResult", "measure_scales", "memory_bytes", "usable_cells"]
+__all__ = ["CONVERGENCE_TOL", "FitError", "ScaleResult", "max_weight", "measure_scales", "memory_bytes",
+           "usable_cells"]
 
 #: Largest change of log G between iterations below which a fixed-count run is reported converged.
 CONVERGENCE_TOL = 1e-8
@@ -37,6 +42,34 @@ CONVERGENCE_TOL = 1e-8
 #: :func:`_solve` and :func:`_outliers` persist exactly these.
 _HELD_PER_CELL = (np.float64, np.float64, np.bool_)
 _HELD_PER_CELL_CLIPPING = (np.float64, np.bool_, np.float64)
+
+
+class FitError(ValueError):
+    """The fit cannot give finite numbers for its input: no usable cell, a weight too large for the sums, or a
+    non-finite scale, scatter or uncertainty.
+
+    ``problem`` says what went wrong; ``rows`` and ``exposures`` are the indices concerned (rows numbered as
+    the solver does, ``det * nAmp + amp`` for three-dimensional input), named in the message.
+    """
+
+    def __init__(self, problem: str, rows: Sequence[int] = (), exposures: Sequence[int] = (), *,
+                 row_name=None, exposure_name=None):
+        self.problem = problem
+        self.rows = tuple(int(i) for i in rows)
+        self.exposures = tuple(int(j) for j in exposures)
+        where = [_listed(self.rows, row_name or "row {}".format),
+                 _listed(self.exposures, exposure_name or "exposure {}".format)]
+        where = [w for w in where if w]
+        super().__init__(problem + (f" ({'; '.join(where)})" if where else ""))
+
+    def named(self, row_name, exposure_name) -> FitError:
+        """The same error, its rows and exposures named by ``row_name(i)`` and ``exposure_name(j)``."""
+        return FitError(self.problem, self.rows, self.exposures, row_name=row_name, exposure_name=exposure_name)
+
+
+def _listed(indices: tuple[int, ...], name, most: int = 3) -> str:
+    shown = ", ".join(name(i) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
 
 
 @dataclass(frozen=True)
@@ -76,9 +109,10 @@ class ScaleResult:
     empty_exposures : ndarray of bool, (nExposures,)
         Exposures with no usable cell (their E is NaN).
     errorE : ndarray, (nExposures,)
-        One-sigma uncertainty of each E (see Notes of :func:`measure_scales`).
+        One-sigma uncertainty of each E (see Notes of :func:`measure_scales`); NaN for empty exposures, and
+        everywhere when the fit has no degree of freedom left (no more used cells than free parameters).
     errorG : ndarray, row shape
-        One-sigma uncertainty of each G; NaN for filled rows.
+        One-sigma uncertainty of each G; NaN for filled rows (and without a degree of freedom).
     clipped : array of bool, input shape
         Usable cells rejected as outliers (all False without clipping).
     clip_rounds : int
@@ -115,6 +149,18 @@ _EXP_FIELDS = ("vectorE", "errorE", "exp_rms", "empty_exposures")
 def usable_cells(values, weights):
     """Cells fit for the log-space fit: finite positive value with a finite positive weight."""
     return np.isfinite(values) & (values > 0) & np.isfinite(weights) & (weights > 0)
+
+
+def max_weight(n_cells: int) -> float:
+    """The largest weight a fit of ``n_cells`` cells accepts: ``sqrt(float64 max / n_cells) / 2``.
+
+    With every weight at most this, none of the fit's sums can overflow: ``n`` weights, or squared weights
+    (the uncertainties), sum to at most a quarter of the largest float64, and weights times a log value or a
+    squared residual (at most about 745 and 2.2e6) stay far below it.  That is 6.7e150 for a million cells:
+    no pixel count comes near it, but a corrupt one (1e200) does, and would otherwise make every scale of
+    the fit NaN or wrong.
+    """
+    return math.sqrt(np.finfo(np.float64).max / max(1, int(n_cells))) / 2
 
 
 def memory_bytes(shape: Sequence[int], *, clipping: bool = False) -> int:
@@ -208,10 +254,21 @@ def measure_scales(
         ``vectorE``, ``vectorG``, ``bgModel`` (= E x G) and diagnostics.  For ``xarray`` input the
         arrays are labelled DataArrays.
 
+    Raises
+    ------
+    FitError
+        No usable cell; a weight above :func:`max_weight` (the sums would overflow); or a non-finite E, G,
+        scatter or uncertainty of a row or exposure that has usable cells.  The message names the rows and
+        exposures (by their coordinates for ``xarray`` input).
+    ValueError
+        Bad arguments (shapes, ``tol``, ``iterations``, ...).
+
     Notes
     -----
     A cell is used when its value is finite and positive and its weight finite and positive (and not
     excluded); an unusable cell leaves both the numerator and the denominator of every weighted mean.
+    Exposures without a usable cell get E = NaN, and rows without one the mean G of the others (both
+    reported in the result); any other non-finite number is an error, never a result.
     With finite data and the default iteration count the result equals the reference algorithm's:
     the same initial E, the same order of the G update, the fill of empty rows with the unweighted mean
     of the others, the E update, the normalisation of G to a count-weighted mean of one, and a final E
@@ -243,8 +300,13 @@ def measure_scales(
     values, weights, skip = (_rows(a) if a is not None else None for a in (bgMatrix, bgCounts, exclude))
     if weights is None:
         weights = np.ones_like(values, dtype=float)
-    fit = _solve(values, weights, skip, iterations, tol, max_iter, clip_sigma, clip_rounds,
-                 persist and _is_dask(values))
+    try:
+        fit = _solve(values, weights, skip, iterations, tol, max_iter, clip_sigma, clip_rounds,
+                     persist and _is_dask(values))
+    except FitError as err:
+        if len(shape) == 3:
+            raise err.named(lambda i: f"detector {i // shape[1]} amp {i % shape[1]}", "exposure {}".format) from None
+        raise
     if len(shape) == 3:
         fit = _unflatten(fit, shape)
     return fit
@@ -327,19 +389,23 @@ def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
 
     ``positive`` (B, 1 where unusable) and ``usable`` give the residual, on every usable cell.
     """
-    wl = w * log_b
-    row_w, col_w, row_wl, col_wl = (np.asarray(v, dtype=np.float64) for v in _compute(
-        w.sum(axis=1), w.sum(axis=0), wl.sum(axis=1), wl.sum(axis=0)))
+    with np.errstate(over="ignore"):  # (numpy) a weight too large to multiply is refused just below
+        wl = w * log_b
+    # The largest weight of each row comes in the same pass: it must be checked before the sums are trusted.
+    row_w, col_w, row_wl, col_wl, row_max = (np.asarray(v, dtype=np.float64) for v in _compute(
+        w.sum(axis=1), w.sum(axis=0), wl.sum(axis=1), wl.sum(axis=0), w.max(axis=1)))
+    _check_weights(w, row_max)
     filled = row_w == 0
     empty = col_w == 0
     if filled.all():
-        raise ValueError("no usable cell: every value is non-finite or non-positive, or has no weight")
+        raise FitError("no usable cell: every value is non-finite or non-positive, or has no weight")
     live_rows = ~filled
     # NaN instead of 0 in the denominators: part of the division runs in worker tasks, outside any errstate.
     row_w_safe = np.where(filled, np.nan, row_w)
     col_w_safe = np.where(empty, np.nan, col_w)
 
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # Overflow too: a scale or model beyond float64 is refused by _check_finite below, not warned about.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         def update_e(g_sum):
             return (col_wl - g_sum) / col_w
 
@@ -383,7 +449,13 @@ def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
         var_g = s2 * (inv_row + inv_row ** 2 * w2_col)
         var_e = s2 * (inv_col + inv_col ** 2 * w2_row)
 
-    vector_e, vector_g = np.exp(log_e), np.exp(log_g)
+        vector_e, vector_g = np.exp(log_e), np.exp(log_g)
+        error_e = np.where(empty, np.nan, vector_e * np.sqrt(var_e))
+        error_g = np.where(filled, np.nan, vector_g * np.sqrt(var_g))
+        row_rms, exp_rms = np.sqrt(row_sq / row_w_safe), np.sqrt(exp_sq / col_w_safe)
+    _check_finite(filled, empty, {"exposure scale E": (None, vector_e), "scale G": (vector_g, None),
+                                  "residual scatter per row / exposure": (row_rms, exp_rms)},
+                  scatter, {"uncertainty of G / of E": (error_g, error_e)} if dof > 0 else {})
     max_change = history[-1] if history else float("nan")
     return ScaleResult(
         vectorE=vector_e,
@@ -396,14 +468,41 @@ def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
         tol=tol,
         residual_scatter=scatter,
         residual=residual,
-        row_rms=np.sqrt(row_sq / row_w_safe),
-        exp_rms=np.sqrt(exp_sq / col_w_safe),
+        row_rms=row_rms,
+        exp_rms=exp_rms,
         filled_rows=filled,
         empty_exposures=empty,
-        errorE=np.where(empty, np.nan, vector_e * np.sqrt(var_e)),
-        errorG=np.where(filled, np.nan, vector_g * np.sqrt(var_g)),
+        errorE=error_e,
+        errorG=error_g,
         history=tuple(history),
     )
+
+
+def _check_weights(w, row_max: np.ndarray) -> None:
+    """Refuse weights above :func:`max_weight`, naming the first such cell (found only on that rare path)."""
+    limit = max_weight(math.prod(w.shape))
+    rows = np.flatnonzero(row_max > limit)
+    if rows.size:
+        (exposure,) = _compute(w[rows[0]].argmax())
+        raise FitError(f"weight {row_max[rows[0]]:.6g} is above the largest the fit's sums can hold "
+                       f"({limit:.3g} for {math.prod(w.shape):,} cells)", rows[:1], [int(exposure)])
+
+
+def _check_finite(filled: np.ndarray, empty: np.ndarray, per_row_exposure: dict[str, tuple[Any, Any]],
+                  scatter: float, optional: dict[str, tuple[Any, Any]]) -> None:
+    """Raise FitError for any non-finite number of a row or exposure that has usable cells.
+
+    The values are (row vector or None, exposure vector or None) by name; filled rows and empty exposures
+    are skipped, as they have no number of their own.
+    """
+    for name, (by_row, by_exposure) in {**per_row_exposure, **optional}.items():
+        rows = np.flatnonzero(~filled & ~np.isfinite(by_row)) if by_row is not None else np.array([], int)
+        exposures = (np.flatnonzero(~empty & ~np.isfinite(by_exposure)) if by_exposure is not None
+                     else np.array([], int))
+        if rows.size or exposures.size:
+            raise FitError(f"the fit gave a non-finite {name} from finite input", rows, exposures)
+    if not math.isfinite(scatter):
+        raise FitError("the fit gave a non-finite residual scatter from finite input")
 
 
 def _outliers(fit: ScaleResult, w_all, in_fit, k: float, persist: bool):
@@ -495,8 +594,10 @@ def _measure_labelled(da_in, counts, iterations, **kwargs) -> ScaleResult:
             return None
         return x.transpose(*order).data if isinstance(x, xr.DataArray) else x
 
-    fit = measure_scales(values.data, raw(counts), iterations,
-                         exclude=raw(kwargs.pop("exclude")), **kwargs)
+    try:
+        fit = measure_scales(values.data, raw(counts), iterations, exclude=raw(kwargs.pop("exclude")), **kwargs)
+    except FitError as err:
+        raise err.named(*_label_names(values, row_dims, exp_dim)) from None
     row_coords = {d: values[d] for d in row_dims if d in values.coords}
     exp_coords = {exp_dim: values[exp_dim]} if exp_dim in values.coords else {}
 
@@ -508,3 +609,22 @@ def _measure_labelled(da_in, counts, iterations, **kwargs) -> ScaleResult:
         for f in group:
             changes[f] = xr.DataArray(getattr(fit, f), dims=dims, coords=coords, name=names.get(f, f))
     return dataclasses.replace(fit, **changes)
+
+
+def _label_names(values, row_dims: tuple[str, ...], exp_dim: str):
+    """Functions naming a solver row and an exposure index by the coordinates of labelled input, e.g.
+    ``detector=94 (R22_S11) amp=C10`` and ``exposure=2025112000042``."""
+    shape = tuple(values.sizes[d] for d in row_dims)
+
+    def label(dim: str, i: int) -> str:
+        if dim not in values.coords:
+            return f"{dim} {i}"
+        text = f"{dim}={values[dim].values[i]}"
+        if dim == "detector" and "detector_name" in values.coords and values["detector_name"].dims == (dim,):
+            text += f" ({values['detector_name'].values[i]})"
+        return text
+
+    def row_name(i: int) -> str:
+        return " ".join(label(d, k) for d, k in zip(row_dims, np.unravel_index(i, shape)))
+
+    return row_name, lambda j: label(exp_dim, j)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatnorm_dask import measure_scales
-from flatnorm_dask.solver import memory_bytes
+from flatnorm_dask.solver import FitError, max_weight, memory_bytes
 
 
 def reference_loop(b, w, iterations=10):
@@ -314,6 +314,74 @@ def test_distributed_cluster_gives_same_numbers(dask_client):
     np.testing.assert_allclose(model, ref.bgModel, rtol=1e-12)
     np.testing.assert_allclose(residual, ref.residual, rtol=1e-9, atol=1e-12)
     assert np.isnan(residual[1, 1]) and fit.residual_scatter == pytest.approx(ref.residual_scatter, rel=1e-10)
+
+
+# ---- no silent wrong numbers ---------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # in dask's tasks, before the check
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+@pytest.mark.parametrize("count", [1e308, 1e200])
+def test_one_huge_weight_is_an_error_naming_its_cell(count, lazy):
+    """One corrupt pixel count made every scale NaN (1e308) or wrong by orders of magnitude (1e200)."""
+    b, w, *_ = simulate(n_rows=10, n_exp=8, seed=21)
+    w[3, 5] = count
+    if lazy:
+        b, w = da.from_array(b, chunks=(5, 4)), da.from_array(w, chunks=(5, 4))
+    with pytest.raises(FitError) as err:
+        measure_scales(b, w)
+    assert str(err.value) == (f"weight {count:.6g} is above the largest the fit's sums can hold "
+                              f"({max_weight(80):.3g} for 80 cells) (row 3; exposure 5)")
+    assert (err.value.rows, err.value.exposures) == ((3,), (5,))
+
+
+def test_a_huge_weight_is_named_by_its_labels():
+    b, w, *_ = simulate(n_rows=4 * 3, n_exp=5, seed=22)
+    w[7, 2] = 1e200  # detector 12 (index 2), amp C1, exposure 102
+    coords = {"detector": [10, 11, 12, 13], "amp": ["C0", "C1", "C2"], "exposure": [100, 101, 102, 103, 104],
+              "detector_name": ("detector", ["R00_S00", "R00_S01", "R00_S02", "R00_S10"])}
+    values = xr.DataArray(b.reshape(4, 3, 5), dims=("detector", "amp", "exposure"), coords=coords)
+    counts = xr.DataArray(w.reshape(4, 3, 5), dims=("detector", "amp", "exposure"), coords=coords)
+    with pytest.raises(FitError, match=r"\(detector=12 \(R00_S02\) amp=C1; exposure=102\)$"):
+        measure_scales(values, counts)
+    with pytest.raises(FitError, match=r"\(amp=C1 detector=12 \(R00_S02\); exposure=102\)$"):  # input's order
+        measure_scales(values.transpose("exposure", "amp", "detector"), counts)
+    with pytest.raises(FitError, match=r"\(detector 2 amp 1; exposure 2\)$"):  # unlabelled cube: indices
+        measure_scales(b.reshape(4, 3, 5), w.reshape(4, 3, 5))
+
+
+def test_weights_up_to_the_bound_give_the_unit_weight_fit():
+    """Equal weights drop out of every weighted mean: at the bound, the sums hold and the fit is unchanged."""
+    b, _, *_ = simulate(n_rows=30, n_exp=12, noise=0.02, seed=23)
+    limit = max_weight(b.size)
+    unit = measure_scales(b, np.ones_like(b))
+    at_limit = measure_scales(b, np.full_like(b, limit))
+    for name in ("vectorE", "vectorG", "errorE", "errorG", "row_rms", "exp_rms"):
+        np.testing.assert_allclose(getattr(at_limit, name), getattr(unit, name), rtol=1e-12, err_msg=name)
+    assert at_limit.residual_scatter == pytest.approx(unit.residual_scatter, rel=1e-12)
+    above = np.full_like(b, limit)
+    above[0, 0] = np.nextafter(limit, np.inf)
+    with pytest.raises(FitError, match=r"above the largest .* \(row 0; exposure 0\)"):
+        measure_scales(b, above)
+
+
+def test_a_non_finite_result_from_finite_input_is_an_error():
+    """Finite values near the float64 limit whose fitted E lies beyond it."""
+    big = np.finfo(np.float64).max
+    b = np.array([[big, big, big], [big, big / 2, big / 3]])
+    assert np.isfinite(b).all()
+    with pytest.raises(FitError, match=r"^the fit gave a non-finite exposure scale E from finite input "
+                                       r"\(exposure 0\)$"):
+        measure_scales(b)
+
+
+def test_without_degrees_of_freedom_errors_are_nan_not_an_error():
+    """One exposure: as many parameters as cells, so no scatter to estimate the uncertainties from."""
+    b, w, e, g = simulate(n_rows=6, n_exp=1, noise=0.0, seed=24)
+    fit = measure_scales(b, w)
+    assert np.isnan(fit.errorE).all() and np.isnan(fit.errorG).all()
+    np.testing.assert_allclose(fit.vectorG / fit.vectorG[0], g / g[0], rtol=1e-12)
+    np.testing.assert_allclose(b[:, 0] / fit.vectorG, fit.vectorE[0], rtol=1e-12)
 
 
 # ---- properties -------------------------------------------------------------------------------------

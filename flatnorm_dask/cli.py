@@ -354,8 +354,19 @@ def main(argv: list[str] | None = None, *, scheduler: str | None = None) -> int:
     except Exception as err:  # one line for the user; the traceback only on request
         if args.debug:
             raise
-        print(f"flatnorm: error: {one_line(err)}", file=sys.stderr)
+        print(f"flatnorm: error: {_error_text(err)}", file=sys.stderr)
         return 1
+
+
+def _error_text(err: Exception) -> str:
+    """The error line's text: the message, or, for an error without a sentence to say (an ``AssertionError``
+    from a library, a bare ``KeyError('x')``), its type and where to look."""
+    text = one_line(err)
+    if " " in text:
+        return text
+    name = type(err).__name__
+    detail = f"{name}: {text}" if text != name else name
+    return f"{detail} (unexpected, without an explanation: --debug shows where it happened)"
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bounded import MAX_FILE_BYTES, AliasRefused, RefusedFile, read_text, without_aliases
-from .cluster import JOBQUEUE_KINDS, SCHEDULER_NAMES, scheduler_kind
+from .cluster import JOBQUEUE_KINDS, MIN_WORKER_MEMORY, SCHEDULER_NAMES, memory_limit_problem, scheduler_kind
 from .schema import (
     LEGACY_SCALES_DATASET_TYPE,
     LEGACY_STATISTICS_DATASET_TYPE,
@@ -347,10 +347,27 @@ class ClusterConfig:
     memory_limit: str | int | float | None = _option(
         "auto", "memory", 'Memory per LocalCluster worker: "auto" (the machine\'s memory shared out), a size '
         'such as "4GiB", a number of bytes, or a fraction of the machine\'s memory in (0, 1].',
-        "null = distributed's default (auto).",
+        f"At least {MIN_WORKER_MEMORY // 2**20} MiB (checked here for a size, when the cluster starts for a "
+        "fraction or auto): a worker holds about 150 MiB once it has imported what the tasks use, and "
+        "distributed pauses it at 80% of its limit and restarts it at 95%.  A worker that still runs out (a "
+        "task killing its workers, or all of them paused or restarting for worker_timeout) ends the run with "
+        "an error saying so.  null = distributed's default (auto).",
         nullable=True)
     wait_timeout: float = _option(
         600.0, "float", "Seconds to wait for the first worker of a job-queue cluster before giving up.",
+        positive=True, metavar="SECONDS")
+    connect_timeout: float = _option(
+        30.0, "float", "Seconds a running scheduler (an address or a scheduler file) has to answer.",
+        "A scheduler file that does not exist yet is waited for as long.  An address where nothing listens, "
+        "a server that never answers and one that is not a Dask scheduler (such as the dashboard's web port) "
+        "end the run within this time (and a second), with the reason.",
+        positive=True, metavar="SECONDS")
+    worker_timeout: float = _option(
+        120.0, "float", "Seconds a run goes on while no worker is able to run tasks, before it stops with an "
+        "error.",
+        "Unable: none connected, all paused for lack of memory, or each one dying and being restarted (a worker "
+        "counts once it has stayed up, unpaused, for a few seconds).  Ends a run that would otherwise wait for "
+        "ever, e.g. with a memory_limit too small for the tasks.",
         positive=True, metavar="SECONDS")
 
 
@@ -758,14 +775,21 @@ def _memory(value: Any, key: str, where: str) -> str | int | float:
         from dask.utils import parse_bytes
 
         try:
-            if parse_bytes(value) > 0:
-                return value
+            nbytes = parse_bytes(value)
         except ValueError:
-            pass
-        raise ConfigError(where, key, f"expected 'auto' or a size such as '4GiB', got {value!r}")
+            nbytes = 0
+        if nbytes <= 0:
+            raise ConfigError(where, key, f"expected 'auto' or a size such as '4GiB', got {value!r}")
+        problem = memory_limit_problem(nbytes)
+        if problem:
+            raise ConfigError(where, key, f"{value}: {problem}")
+        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value):
         if isinstance(value, float) and value > 1:
             raise ConfigError(where, key, f"a float is a fraction of the machine's memory in (0, 1], got {value}")
+        problem = memory_limit_problem(value) if isinstance(value, int) and value > 1 else None
+        if problem:
+            raise ConfigError(where, key, f"{value} bytes: {problem}")
         return value
     raise ConfigError(where, key, f"expected 'auto', a size such as '4GiB' or a positive number, got {value!r}")
 

@@ -24,7 +24,7 @@ from . import __version__
 from .config import Config, SolveConfig
 from .ingest import discover, problems, read_campaign, select_files, solver_inputs
 from .schema import parse_selection
-from .solver import ScaleResult, measure_scales, memory_bytes
+from .solver import FitError, ScaleResult, measure_scales, memory_bytes
 from .store import (
     OutputPathError,
     append_variables,
@@ -326,8 +326,11 @@ def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: 
         ds = staged[name]
         found = problems(nodes[name], ds["status"].values, inp.max_file_bytes)
         held = memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)
-        fit = solve_dataset(ds, solve.level, **_solver_options(solve),
-                            persist=held <= solve.persist_max_mb * 2**20)
+        try:
+            fit = solve_dataset(ds, solve.level, **_solver_options(solve),
+                                persist=held <= solve.persist_max_mb * 2**20)
+        except FitError as err:  # no numbers rather than wrong ones: the run fails and nothing is committed
+            raise FitError(f"physical_filter {name}: {err}") from None
         if not fit.converged:
             log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
                         fit.max_change)

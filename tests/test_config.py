@@ -429,7 +429,7 @@ def test_a_job_queue_without_workers_fails_in_one_line_and_is_shut_down(tmp_path
     """No job starts (the batch system refuses it): the run stops after cluster.wait_timeout, saying so."""
     pytest.importorskip("dask_jobqueue")
     from flatnorm_dask import cluster as cluster_module
-    from flatnorm_dask.cluster import connect
+    from flatnorm_dask.cluster import ClusterError, connect
 
     fake = tmp_path / "bin" / "sbatch"  # a batch system that refuses every job, on any machine
     fake.parent.mkdir()
@@ -450,7 +450,7 @@ def test_a_job_queue_without_workers_fails_in_one_line_and_is_shut_down(tmp_path
     cfg = Config.from_dict({"cluster": {"scheduler": "slurm", "wait_timeout": 2}})
     settings = {"jobqueue.slurm.cores": 1, "jobqueue.slurm.memory": "1GiB",
                 "distributed.scheduler.dashboard.address": ":0"}
-    with dask.config.set(settings), pytest.raises(TimeoutError) as err:
+    with dask.config.set(settings), pytest.raises(ClusterError) as err:
         with connect(cfg.cluster):
             pass
     assert str(err.value) == ("no slurm job started a worker within 2 s (cluster.wait_timeout); check the queue "

@@ -304,3 +304,36 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
             # Another worker layout may round the matrix products' last bits differently.
             xr.testing.assert_allclose(a.drop_attrs(), b.drop_attrs(), rtol=1e-12, atol=1e-12)
             np.testing.assert_array_equal(a["used"].values, b["used"].values)
+
+
+def test_a_filter_without_usable_cells_fails_naming_it(campaign, tmp_path, scheduler_address, capsys):
+    """Every file of g_6 unreadable and masked: no numbers for it is an error naming the filter, not NaN scales."""
+    import shutil
+
+    from flatnorm_dask.cli import main
+
+    _, root = campaign
+    inputs = tmp_path / "inputs"
+    shutil.copytree(root, inputs)
+    for path in (inputs / "g_6").rglob("*.yaml"):
+        path.write_text("garbage: [\n")
+    store = tmp_path / "out.zarr"
+    status = main(["run", "--input", str(inputs), "--pattern", SIMPLE_PATTERN, "--output", str(store),
+                   "--on-error", "mask", "--scheduler", scheduler_address, "--no-progress"])
+    assert status == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "flatnorm: error: physical_filter g_6: no usable cell: every value is non-finite or non-positive, or has "
+        "no weight")
+    assert not store.exists()
+
+
+def test_an_error_without_an_explanation_says_so():
+    """A library's bare AssertionError or KeyError('x') would be a word without context on the error line."""
+    from flatnorm_dask.cli import _error_text
+
+    assert _error_text(AssertionError()) == (
+        "AssertionError (unexpected, without an explanation: --debug shows where it happened)")
+    assert _error_text(KeyError("background")) == (
+        "KeyError: background (unexpected, without an explanation: --debug shows where it happened)")
+    assert _error_text(KeyError("detector 'R9' is not in camera 'lsstcam'")) == (
+        "detector 'R9' is not in camera 'lsstcam'")

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JOBQUEUE_KINDS", "MIN_WORKER_MEMORY", "SCHEDULER_NAMES", "ClusterError", "check_scheduler", "connect",
+__all__ = ["JOBQUEUE_KINDS", "MEMORY_FLOOR_REASON", "MIN_WORKER_MEMORY", "SCHEDULER_NAMES", "ClusterError", "check_scheduler", "connect",
            "job_script", "memory_limit_problem", "scheduler_address", "scheduler_kind"]
 
 #: dask-jobqueue backends by the name ``cluster.scheduler`` gives them (``jobqueue-local``: local processes).
@@ -55,11 +55,14 @@ SCHEDULER_NAMES = (LOCAL, *JOBQUEUE_KINDS)
 # host:port, or [IPv6]:port, without a protocol (distributed then uses tcp://).
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d+")
 
-#: The smallest memory limit a worker can run our tasks with.  A worker process holds about 150 MiB once it
-#: has imported what the reading and solving tasks use (numpy, pandas, xarray, zarr), and distributed pauses
-#: it at 80% of its limit and restarts it at 95% (``distributed.worker.memory.pause`` / ``terminate``):
-#: below 256 MiB it would be paused or restarted before it could finish a task.
+#: The smallest memory limit a worker can run our tasks with (the reason: :data:`MEMORY_FLOOR_REASON`).
 MIN_WORKER_MEMORY = 256 * 2**20
+
+#: Why :data:`MIN_WORKER_MEMORY`: measured, a worker process holds about 150 MiB once it has run a reading
+#: and a solving task (numpy, pandas, xarray, zarr imported); ``distributed.worker.memory.pause`` and
+#: ``terminate`` default to 0.8 and 0.95.
+MEMORY_FLOOR_REASON = ("a worker holds about 150 MiB once it has imported what the tasks use, and distributed "
+                       "pauses it at 80% of its limit and restarts it at 95%")
 
 #: Largest scheduler file read: distributed writes a few hundred bytes of JSON.
 _MAX_SCHEDULER_FILE_BYTES = 1 << 20
@@ -73,9 +76,8 @@ def memory_limit_problem(nbytes: int) -> str | None:
     """Why a worker memory limit of ``nbytes`` bytes is too small for our tasks, or None when it is not."""
     if nbytes >= MIN_WORKER_MEMORY:
         return None
-    return (f"{nbytes / 2**20:.4g} MiB per worker is below the floor of {MIN_WORKER_MEMORY // 2**20} MiB: a "
-            f"worker holds about 150 MiB once it has imported what the tasks use, and is paused at 80% of its "
-            f"limit and restarted at 95%")
+    return f"{nbytes / 2**20:.4g} MiB per worker is below the floor of {MIN_WORKER_MEMORY // 2**20} MiB: " \
+           f"{MEMORY_FLOOR_REASON}"
 
 
 def scheduler_kind(scheduler: str | None) -> str:
@@ -124,11 +126,10 @@ def _local_cluster(cluster: ClusterConfig) -> LocalCluster:
     kwargs["silence_logs"] = level if level < logging.WARNING else logging.CRITICAL
     try:
         return LocalCluster(**kwargs)
-    except Exception as err:  # e.g. "Nanny failed to start.": the reason is in its cause
-        cause = f": {one_line(err.__cause__)}" if err.__cause__ is not None else ""
+    except Exception as err:  # e.g. "Nanny failed to start.", whose cause says why
+        reason = one_line(err.__cause__ if err.__cause__ is not None else err)
         raise ClusterError(f"cannot start a LocalCluster of {kwargs.get('n_workers', 'default')} worker(s) "
-                           f"(cluster.n_workers, cluster.memory_limit {cluster.memory_limit}): "
-                           f"{one_line(err)}{cause}") from None
+                           f"(cluster.n_workers, cluster.memory_limit {cluster.memory_limit}): {reason}") from None
 
 
 def _check_memory_limit(memory_limit: str | int | float, threads: int) -> None:
@@ -258,11 +259,15 @@ def check_scheduler(address: str, timeout: float) -> None:
     """
     from distributed.comm import CommClosedError
     from distributed.comm import connect as dask_connect
+    from distributed.security import Security
 
     _check_address(address)
+    # As a Client connects: with the TLS settings of dask's config (distributed.comm.tls.*) for tls:// addresses.
+    connection_args = Security().get_connection_args("client")
 
     async def handshake():
-        comm = await dask_connect(address, timeout=timeout)  # the bounded connection, then the greeting
+        # distributed's bounded connection, then the scheduler's greeting, which nothing in it bounds
+        comm = await dask_connect(address, timeout=timeout, **connection_args)
         await comm.close()
 
     def attempt():  # in a thread of its own: the caller may be running an event loop (a notebook)
@@ -363,7 +368,7 @@ class _Watchdog:
         """Worker address -> status, or None when the scheduler does not answer in time."""
         try:
             info = self.client.sync(self.client.scheduler.identity, n_workers=-1,
-                                    callback_timeout=max(5.0, self.limit))
+                                    callback_timeout=max(1.0, self.limit / 2))
         except Exception:  # noqa: BLE001  no answer is an observation too
             return None
         return {address: str(w.get("status")) for address, w in info.get("workers", {}).items()}

@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bounded import MAX_FILE_BYTES, AliasRefused, RefusedFile, read_text, without_aliases
-from .cluster import JOBQUEUE_KINDS, MIN_WORKER_MEMORY, SCHEDULER_NAMES, memory_limit_problem, scheduler_kind
+from .cluster import (
+    JOBQUEUE_KINDS,
+    MEMORY_FLOOR_REASON,
+    MIN_WORKER_MEMORY,
+    SCHEDULER_NAMES,
+    memory_limit_problem,
+    scheduler_kind,
+)
 from .schema import (
     LEGACY_SCALES_DATASET_TYPE,
     LEGACY_STATISTICS_DATASET_TYPE,
@@ -348,8 +355,7 @@ class ClusterConfig:
         "auto", "memory", 'Memory per LocalCluster worker: "auto" (the machine\'s memory shared out), a size '
         'such as "4GiB", a number of bytes, or a fraction of the machine\'s memory in (0, 1].',
         f"At least {MIN_WORKER_MEMORY // 2**20} MiB (checked here for a size, when the cluster starts for a "
-        "fraction or auto): a worker holds about 150 MiB once it has imported what the tasks use, and "
-        "distributed pauses it at 80% of its limit and restarts it at 95%.  A worker that still runs out (a "
+        f"fraction or auto): {MEMORY_FLOOR_REASON}.  A worker that still runs out (a "
         "task killing its workers, or all of them paused or restarting for worker_timeout) ends the run with "
         "an error saying so.  null = distributed's default (auto).",
         nullable=True)

@@ -248,8 +248,8 @@ def test_a_memory_limit_below_the_floor_is_refused_by_the_config(value, shown):
     with pytest.raises(ConfigError) as err:
         load_config(None, {"cluster.memory_limit": value})
     assert str(err.value) == (f"overrides: cluster.memory_limit: {shown} per worker is below the floor of 256 MiB: "
-                              f"a worker holds about 150 MiB once it has imported what the tasks use, and is "
-                              f"paused at 80% of its limit and restarted at 95%")
+                              f"a worker holds about 150 MiB once it has imported what the tasks use, and "
+                              f"distributed pauses it at 80% of its limit and restarts it at 95%")
 
 
 def test_a_fraction_too_small_for_a_worker_is_refused_before_starting():
@@ -257,6 +257,17 @@ def test_a_fraction_too_small_for_a_worker_is_refused_before_starting():
     with pytest.raises(ClusterError, match=r"^cluster.memory_limit 1e-09: [\d.e+-]+ MiB per worker is below the "
                                            r"floor of 256 MiB"), connect(cfg):
         pass
+
+
+def test_workers_that_cannot_start_end_the_run_naming_why(tmp_path):
+    """A worker process that fails to start (here: a preload module that is not there) is said plainly."""
+    missing = tmp_path / "no_such_preload.py"
+    cfg = Config.from_dict({"cluster": {"n_workers": 1}}).cluster
+    with dask.config.set({"distributed.worker.preload": [str(missing)]}), pytest.raises(ClusterError) as err:
+        with connect(cfg):
+            pass
+    assert str(err.value) == (f"cannot start a LocalCluster of 1 worker(s) (cluster.n_workers, cluster.memory_limit "
+                              f"auto): [Errno 2] No such file or directory: '{missing}'")
 
 
 def test_a_memory_limit_too_small_for_a_worker_ends_the_run_naming_it(manifest, tmp_path, capsys, monkeypatch):

@@ -347,9 +347,9 @@ def test_workers_paused_for_lack_of_memory_end_the_run_naming_it():
 
 def test_healthy_workers_are_left_alone(dask_cluster):
     """The watchdog looks, and a run slower than worker_timeout goes on while a worker is up."""
-    cfg = Config.from_dict({"cluster": {"scheduler": dask_cluster.scheduler_address, "worker_timeout": 1}}).cluster
+    cfg = Config.from_dict({"cluster": {"scheduler": dask_cluster.scheduler_address, "worker_timeout": 0.5}}).cluster
     with connect(cfg) as client:
-        assert client.submit(time.sleep, 3, pure=False).result() is None
+        assert client.submit(time.sleep, 1.5, pure=False).result() is None  # three times worker_timeout
         assert _run_something(client) == 6
 
 

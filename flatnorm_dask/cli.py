@@ -182,7 +182,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tree = compare(*stores, threshold=args.threshold)
     print(comparison_summary(tree))
     if not tree.children:
-        raise ValueError("the stores share no physical filter at the same level: nothing to compare")
+        raise ValueError(f"{', '.join(map(str, stores))}: these stores share no physical filter at the same level: "
+                         f"nothing to compare")
     if args.out:
         from .plot import plot_comparison
         from .store import write_store

@@ -301,6 +301,12 @@ def test_cli_errors_are_one_line(stores, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"flatnorm: error: {store_dir / 'comparison.zarr'}: is one of the stores compared; choose another --out")
     assert stored(store_dir / "comparison.zarr")["det_scale"].identical(stored(a)["det_scale"])
+    # Stores without a filter in common: the line names them.
+    other = tmp_path / "other.zarr"
+    write_store(other, {"y_10": stored(a)})
+    assert main(["compare", str(a), str(other)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"flatnorm: error: {a}, {other}: these stores share no physical filter at the same level: nothing to compare")
 
 
 def test_levels_times_and_inputs(stores, tmp_path):

@@ -19,19 +19,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import difflib
-import errno
 import json
 import logging
 import os
 import re
 import socket
-import stat
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ._text import one_line
+from .bounded import read_text
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -40,8 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JOBQUEUE_KINDS", "MEMORY_FLOOR_REASON", "MIN_WORKER_MEMORY", "SCHEDULER_NAMES", "ClusterError", "check_scheduler", "connect",
-           "job_script", "memory_limit_problem", "scheduler_address", "scheduler_kind"]
+__all__ = ["JOBQUEUE_KINDS", "MEMORY_FLOOR_REASON", "MIN_WORKER_MEMORY", "SCHEDULER_NAMES", "ClusterError",
+           "check_scheduler", "connect", "job_script", "memory_limit_problem", "scheduler_address", "scheduler_kind"]
 
 #: dask-jobqueue backends by the name ``cluster.scheduler`` gives them (``jobqueue-local``: local processes).
 JOBQUEUE_KINDS = ("slurm", "pbs", "sge", "lsf", "htcondor", "jobqueue-local")
@@ -185,8 +184,7 @@ def scheduler_address(path: str, timeout: float) -> str:
     """The address a scheduler file (JSON written by ``dask scheduler --scheduler-file``) gives.
 
     A file that does not exist yet is waited for, up to ``timeout`` seconds: a batch job may start the
-    scheduler and this client together.  Only a small regular file is read (a FIFO or a device would block
-    or never end).
+    scheduler and this client together.  Only a small regular text file is read (:mod:`flatnorm_dask.bounded`).
 
     Raises
     ------
@@ -196,7 +194,7 @@ def scheduler_address(path: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            text = _read_small_file(path)
+            text = read_text(path, _MAX_SCHEDULER_FILE_BYTES)  # a FIFO or a device would block or never end
             break
         except FileNotFoundError:
             if time.monotonic() >= deadline:
@@ -223,26 +221,6 @@ def scheduler_address(path: str, timeout: float) -> str:
 
 def _reason(err: BaseException) -> str:
     return err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
-
-
-def _read_small_file(path: str) -> str:
-    """The text of a regular file of at most _MAX_SCHEDULER_FILE_BYTES, checked on the open descriptor."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file (a FIFO, socket or device)")
-        data = os.read(fd, _MAX_SCHEDULER_FILE_BYTES + 1)
-        if len(data) > _MAX_SCHEDULER_FILE_BYTES:
-            raise ValueError(f"larger than {_MAX_SCHEDULER_FILE_BYTES:,} bytes")
-    finally:
-        os.close(fd)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text: a binary file") from None
 
 
 def check_scheduler(address: str, timeout: float) -> None:

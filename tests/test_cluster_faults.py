@@ -173,15 +173,17 @@ def _fifo(path):
 
 
 SCHEDULER_FILES = {
-    "binary": (lambda p: p.write_bytes(bytes(range(256))), "cannot read: not UTF-8 text: a binary file"),
+    "binary": (lambda p: p.write_bytes(bytes(range(256))), r"cannot read: NUL byte at byte 0: a binary file, not text"),
+    "not_utf8": (lambda p: p.write_bytes(b'{"address": "\xff"}'), r"cannot read: not UTF-8 text \(byte 13\)"),
     "not_json": (lambda p: p.write_text("address: tcp://x:1\n"), r"not a Dask scheduler file: not JSON \(Expecting"),
     "json_list": (lambda p: p.write_text('["tcp://127.0.0.1:8786"]'), 'not a Dask scheduler file: no "address" in it'),
     "no_address": (lambda p: p.write_text('{"type": "Scheduler"}'), 'not a Dask scheduler file: no "address" in it'),
     "address_number": (lambda p: p.write_text('{"address": 8786}'),
                        "not a Dask scheduler file: its \"address\" is not a text, got '8786'"),
-    "fifo": (_fifo, r"cannot read: not a regular file \(a FIFO, socket or device\)"),
+    "fifo": (_fifo, r"cannot read: not a regular file \(a FIFO\): refused, it could block or never end"),
     "directory": (lambda p: p.mkdir(), "cannot read: Is a directory"),
-    "huge": (lambda p: p.write_bytes(b" " * (2**20 + 1)), "cannot read: larger than 1,048,576 bytes"),
+    "huge": (lambda p: p.write_bytes(b" " * (2**20 + 1)),
+             "cannot read: 1,048,577 bytes, larger than the limit of 1,048,576 bytes"),
 }
 
 
@@ -213,7 +215,7 @@ def test_a_garbage_scheduler_file_ends_in_one_line(manifest, tmp_path, capsys):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     status, line, _ = run_cli(capsys, manifest, tmp_path, "--scheduler", path)
     assert status == 1
-    assert line == f"flatnorm: error: scheduler file {path}: cannot read: not UTF-8 text: a binary file"
+    assert line == f"flatnorm: error: scheduler file {path}: cannot read: NUL byte at byte 8: a binary file, not text"
 
 
 def test_a_scheduler_file_pointing_nowhere_names_the_address(tmp_path):

@@ -15,8 +15,6 @@ dask and distributed are imported inside the functions: this module is imported 
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import difflib
 import json
@@ -235,6 +233,9 @@ def check_scheduler(address: str, timeout: float) -> None:
     ClusterError
         Naming the address and the reason: malformed, nothing to connect to, no answer, not Dask's protocol.
     """
+    import asyncio  # here, like distributed: config.py imports this module for every command, however light
+    import concurrent.futures
+
     from distributed.comm import CommClosedError
     from distributed.comm import connect as dask_connect
     from distributed.security import Security
@@ -289,6 +290,8 @@ def _check_address(address: str) -> None:
 def _connect_failure(err: BaseException, address: str) -> str:
     """Why distributed could not connect, e.g. "Connection refused": the innermost cause of its error, or,
     when that is only its deadline cutting the last attempt short, what a plain TCP connection says."""
+    import asyncio
+
     seen = set()
     while err.__cause__ is not None and id(err) not in seen:
         seen.add(id(err))

@@ -21,6 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+#: Path whose GET answers the most requests this server process had in flight at once (then resets it).
+PEAK_PATH = "/__flatnorm__/peak"
+
 #: Credentials the server accepts (moto accepts any); tests pass them through the environment only.
 ACCESS_KEY, SECRET_KEY = "flatnorm-test-key", "flatnorm-test-secret"
 
@@ -54,9 +57,25 @@ def main() -> None:
         _load(args.bucket, args.load)
     app = create_backend_app("s3")
 
+    # Requests in flight in this process, and the most seen at once (GET PEAK_PATH answers it and resets it):
+    # tests assert how many requests a reader keeps in flight, which no timing can show reliably.
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
     def delayed(environ, start_response):
-        time.sleep(args.delay)
-        return app(environ, start_response)
+        if environ.get("PATH_INFO") == PEAK_PATH:
+            with lock:
+                peak, state["peak"] = state["peak"], state["now"]
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [str(peak).encode()]
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        try:
+            time.sleep(args.delay)
+            return app(environ, start_response)
+        finally:
+            with lock:
+                state["now"] -= 1
 
     class Quiet(MotoRequestHandler):
         def log_request(self, *_args, **_kwargs):
@@ -74,6 +93,14 @@ def main() -> None:
     server = make_server("127.0.0.1", port, delayed, threaded=True, request_handler=Quiet, fd=listener.fileno())
     threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
     server.serve_forever()
+
+
+def peak_in_flight(endpoint: str) -> int:
+    """The most requests one server process had in flight at once since the last call (use ``processes=1``)."""
+    import urllib.request
+
+    with urllib.request.urlopen(endpoint + PEAK_PATH, timeout=30) as response:
+        return int(response.read())
 
 
 @contextlib.contextmanager

@@ -1,19 +1,24 @@
-"""Campaign scale: wall time, files per second and peak memory as a campaign grows, and filters sharing a cluster.
+"""Campaign scale: parallel efficiency and where the time goes as a campaign grows; filters sharing a cluster.
 
 Usage::
 
     python benchmarks/bench_campaign.py [--exposures 100 300 1000] [--filter-exposures 100] [--dir DIR]
 
-Part 1 runs 189 detectors x 16 amplifiers x N exposures (N files per detector, one filter) through
-``flatnorm_dask.workflow.run`` on a fresh 2-worker ``LocalCluster`` for each N, and records wall time of the
-run (cluster start-up apart), files per second, and the peak resident memory of the client process and of
-each worker process. Time should grow linearly with N and worker memory stay flat (bounded by chunks).
+Part 1 writes 189 detectors x 16 amplifiers x N exposures (one filter, one LSST PropertyList file per
+detector and exposure, found by a pattern) and runs ``flatnorm_dask.workflow.run`` on it on a fresh 2-worker
+``LocalCluster``.  Beside the run's wall time it prints the ideal, measured in the same process just before:
+files x the serial per-file read cost (one ``StatsReader`` over a sample of the same files) / workers, and
+the ratio of the two (goal: at most 2 at 189,000 files).  It also prints where the run's time goes, from
+its log: listing the files (discovery), building the reading graph, reading them (with writing the inputs
+into the store, which overlaps), checking what was read, solving (with writing the scales and diagnostics)
+and the commit; and the cluster's start-up, which is not part of the run.
 
 Part 2 runs five filters of M exposures each in one invocation, against the same five filters run one
 after the other (each on its own fresh cluster, as five separate commands would), and prints the ratio.
 
 Each measurement runs in a fresh Python process so that peak memory figures are its own. Files are written
 under ``--dir`` (default ``/dev/shm`` when it exists, so that the disk does not dominate) and removed after.
+Timings on a shared machine vary from run to run: compare the ratios, measured in the same run.
 """
 
 from __future__ import annotations
@@ -29,9 +34,53 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-
 FILTERS = ("u_24", "g_6", "r_57", "i_39", "z_20")
+WORKERS = 2
+SAMPLE = 5000  # files read serially to measure the per-file cost
+
+# Log lines that end each phase of a run (logger, start of the message), in order.
+PHASES = (
+    ("discovery", "flatnorm_dask.ingest", "listed"),
+    ("graph", "flatnorm_dask.workflow", "found"),
+    ("reading", "flatnorm_dask.workflow", "checked the reading"),
+    ("solving", "flatnorm_dask.workflow", "solved and written"),
+    ("commit", None, None),  # until run() returns
+)
+
+
+class _Marks(logging.Handler):
+    """Keeps the time of every log record, to cut a run into phases."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[float, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((time.perf_counter(), record.name, record.getMessage()))
+
+
+def _phases(marks: _Marks, start: float, end: float) -> dict[str, float]:
+    out, last = {}, start
+    for name, logger, prefix in PHASES:
+        if logger is None:
+            at = end
+        else:
+            at = next(t for t, n, m in marks.records if n == logger and m.startswith(prefix))
+        out[name], last = at - last, at
+    return out
+
+
+def _serial_cost(spec: dict) -> float:
+    """Seconds per file read one after another by one reader, on a sample of the campaign's files."""
+    from flatnorm_dask.formats import StatsReader
+
+    paths = sorted(Path(spec["root"]).rglob("*.yaml"))
+    sample = paths[:: max(1, len(paths) // SAMPLE)][:SAMPLE]
+    reader = StatsReader()
+    start = time.perf_counter()
+    for path in sample:
+        reader.read(path)
+    return (time.perf_counter() - start) / len(sample)
 
 
 def _child(spec: dict) -> dict:
@@ -41,23 +90,31 @@ def _child(spec: dict) -> dict:
     from flatnorm_dask.config import load_config
     from flatnorm_dask.workflow import run
 
+    per_file = _serial_cost(spec) if spec.get("root") else None
+    marks = _Marks()
+    for name in ("flatnorm_dask.ingest", "flatnorm_dask.workflow"):
+        logging.getLogger(name).addHandler(marks)
+        logging.getLogger(name).setLevel(logging.DEBUG)
     start = time.perf_counter()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+    with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         startup = time.perf_counter() - start
-        cfg = load_config(None, {"input.manifest": spec["manifest"], "output.store": spec["store"],
-                                 "solve.level": "AMP", "output.overwrite": True, **spec["overrides"]})
+        where = ({"input.root": spec["root"], "input.pattern": spec["pattern"]} if spec.get("root")
+                 else {"input.manifest": spec["manifest"]})
+        cfg = load_config(None, {**where, "output.store": spec["store"], "solve.level": "AMP",
+                                 "output.overwrite": True, **spec["overrides"]})
         t0 = time.perf_counter()
         summary = run(cfg, show_progress=False)
-        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
         workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return {"wall": wall, "startup": startup, "filters": len(summary.filters),
+    return {"wall": t1 - t0, "startup": startup, "filters": len(summary.filters), "per_file": per_file,
+            "phases": _phases(marks, t0, t1),
             "client_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_mb": max(workers.values()) / 1024}
 
 
-def measure(manifest: Path, store: Path, **overrides) -> dict:
-    spec = json.dumps({"manifest": str(manifest), "store": str(store), "overrides": overrides})
+def measure(store: Path, **spec) -> dict:
+    spec = json.dumps({"store": str(store), "overrides": {}, **spec})
     out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"benchmark run failed:\n{out.stderr[-3000:]}")
@@ -72,13 +129,14 @@ def write_inputs(root: Path, n_exposures: int, filters: tuple[str, ...], seed: i
 
     tree = simulate_campaign("lsstcam", n_exposures=n_exposures, filters=filters, seed=seed)
     manifest = write_campaign(tree, root, layout="simple")
-    return manifest, len(pd.read_csv(manifest))
+    with open(manifest) as f:
+        return manifest, sum(1 for _ in f) - 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exposures", type=int, nargs="+", default=[100, 300, 1000])
-    parser.add_argument("--filter-exposures", type=int, default=100, help="exposures per filter in part 2")
+    parser.add_argument("--filter-exposures", type=int, default=100, help="exposures per filter in part 2 (0: skip)")
     parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -86,40 +144,43 @@ def main() -> None:
         print(json.dumps(_child(json.loads(args.child))))
         return
 
+    from flatnorm_dask.simulate import SIMPLE_PATTERN
+
     work = Path(tempfile.mkdtemp(prefix="flatnorm-bench-", dir=args.dir))
     try:
-        print(f"files under {work}; 2-worker LocalCluster, 1 thread each, fresh per run; level AMP")
-        print("\nPart 1: one filter, 189 detectors x 16 amps x N exposures; solver inputs held in worker memory "
-              "(default, persist_max_mb 2048) or streamed from the store at every pass (persist_max_mb 0)")
-        print(f"{'exposures':>9} {'files':>8} {'mode':>9} {'wall s':>8} {'files/s':>9} {'client MB':>10} "
-              f"{'worker MB':>10} {'time/first':>11} {'N/first':>8}")
-        first = {}
+        print(f"files under {work}; {WORKERS}-worker LocalCluster, 1 thread each, fresh per run; level AMP; "
+              "files found by a pattern scan")
+        print("\nPart 1: one filter, 189 detectors x 16 amps x N exposures.  ideal = files x serial read cost per "
+              f"file / {WORKERS} workers; ratio = run / ideal (goal <= 2 at 189,000 files)")
+        print(f"{'files':>8} {'us/file':>8} {'ideal s':>8} {'run s':>7} {'ratio':>6} | {'listing':>7} {'graph':>6} "
+              f"{'reading':>7} {'solving':>7} {'commit':>6} | {'start s':>7} {'client MB':>9} {'worker MB':>9}")
         for n in args.exposures:
             inputs = work / f"n{n}"
-            t0 = time.perf_counter()
-            manifest, n_files = write_inputs(inputs, n, ("r_57",), seed=n)
-            written = time.perf_counter() - t0
-            for mode, limit in (("held", 2048), ("streamed", 0)):
-                r = measure(manifest, work / "store.zarr", **{"solve.persist_max_mb": limit})
-                first.setdefault(mode, (r["wall"], n))
-                print(f"{n:>9} {n_files:>8} {mode:>9} {r['wall']:>8.1f} {n_files / r['wall']:>9.0f} "
-                      f"{r['client_peak_mb']:>10.0f} {r['worker_peak_mb']:>10.0f} "
-                      f"{r['wall'] / first[mode][0]:>11.2f} {n / first[mode][1]:>8.2f}"
-                      f"   (cluster start {r['startup']:.1f} s)")
-            print(f"{'':>9} writing the {n_files} files took {written:.0f} s")
+            _, n_files = write_inputs(inputs, n, ("r_57",), seed=n)
+            r = measure(work / "store.zarr", root=str(inputs), pattern=SIMPLE_PATTERN)
+            ideal = n_files * r["per_file"] / WORKERS
+            p = r["phases"]
+            print(f"{n_files:>8} {r['per_file'] * 1e6:>8.1f} {ideal:>8.2f} {r['wall']:>7.2f} {r['wall'] / ideal:>6.2f} | "
+                  f"{p['discovery']:>7.2f} {p['graph']:>6.2f} {p['reading']:>7.2f} {p['solving']:>7.2f} "
+                  f"{p['commit']:>6.2f} | {r['startup']:>7.2f} {r['client_peak_mb']:>9.0f} {r['worker_peak_mb']:>9.0f}",
+                  flush=True)
             shutil.rmtree(inputs)
 
         m = args.filter_exposures
+        if not m:
+            return
+        import pandas as pd
+
         print(f"\nPart 2: {len(FILTERS)} filters x {m} exposures x 189 detectors in one run vs one by one")
         inputs = work / "filters"
         manifest, n_files = write_inputs(inputs, m, FILTERS, seed=1)
-        together = measure(manifest, work / "store.zarr")
+        together = measure(work / "store.zarr", manifest=str(manifest))
         table = pd.read_csv(manifest)
         alone = []
         for name in FILTERS:
             sub = inputs / f"manifest_{name}.csv"
             table[table["physical_filter"] == name].to_csv(sub, index=False)
-            alone.append(measure(sub, work / "store.zarr"))
+            alone.append(measure(work / "store.zarr", manifest=str(sub)))
         serial = sum(r["wall"] for r in alone)
         serial_with_startup = sum(r["wall"] + r["startup"] for r in alone)
         print(f"  together: {together['wall']:.1f} s for {n_files} files ({n_files / together['wall']:.0f} files/s), "

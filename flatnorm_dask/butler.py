@@ -116,7 +116,7 @@ def find_inputs(repo: str | os.PathLike, collections: Sequence[str] | str,
         when the collections hold datasets of several instruments.
     exposure_fields : sequence of str
         Exposure record fields (e.g. ``observation_reason``) to add as columns, for
-        :func:`flatnorm_dask.ingest.select_files`.
+        a down-selection (:func:`flatnorm_dask.listing.selected`).
 
     Returns
     -------

@@ -74,18 +74,25 @@ def _quieten(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.ERROR)
 
 
+def _connect(cfg):
+    """The run's cluster (:func:`flatnorm_dask.cluster.connect`), once the workflow decides it needs one:
+    a small run never imports distributed."""
+    from .cluster import connect
+
+    _quieten(log.isEnabledFor(logging.DEBUG))
+    return connect(cfg.cluster)
+
+
 def _execute(cfg, show_progress: bool):
     import dask
 
-    from .cluster import connect
     from .workflow import run
 
-    _quieten(log.isEnabledFor(logging.DEBUG))
     with dask.config.set(cfg.dask_settings()):  # the user's dask keys (jobqueue.*, distributed.*) for the run
         # The worker processes of a cluster started here leave Ctrl-C to this process (see dask_setup).
         preload = dask.config.get("distributed.worker.preload", default=None) or []
         with dask.config.set({"distributed.worker.preload": [*preload, _WORKER_PRELOAD]}):
-            return run(cfg, show_progress=show_progress, cluster=lambda: connect(cfg.cluster))
+            return run(cfg, show_progress=show_progress, cluster=lambda: _connect(cfg))
 
 
 #: This module, as the worker preload of the clusters the command starts (its name even under ``python -m``).

@@ -24,7 +24,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ._text import one_line
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["JOBQUEUE_KINDS", "MEMORY_FLOOR_REASON", "MIN_WORKER_MEMORY", "SCHEDULER_NAMES", "ClusterError",
-           "check_scheduler", "connect", "job_script", "memory_limit_problem", "scheduler_address", "scheduler_kind"]
+           "check_scheduler", "connect", "job_script", "memory_limit_problem", "needs_cluster", "scheduler_address",
+           "scheduler_kind"]
 
 #: dask-jobqueue backends by the name ``cluster.scheduler`` gives them (``jobqueue-local``: local processes).
 JOBQUEUE_KINDS = ("slurm", "pbs", "sge", "lsf", "htcondor", "jobqueue-local")
@@ -103,6 +104,25 @@ def scheduler_kind(scheduler: str | None) -> str:
 
 def _cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def needs_cluster(cluster: ClusterConfig, count_files: Callable[[int], int]) -> bool:
+    """Whether a run should start (or join) the cluster of ``cluster.scheduler``, or work in its own process.
+
+    A running scheduler and a job queue are always used: the user asked for them.  A LocalCluster is started
+    only for at least ``cluster.local_min_files`` input files: below that, starting its worker processes
+    costs more than they would save.  ``count_files(limit)`` counts the inputs, cheaply, up to just past
+    ``limit``.  The choice is logged.
+    """
+    if scheduler_kind(cluster.scheduler) != "local" or cluster.local_min_files == 0:
+        return True
+    n = count_files(cluster.local_min_files)
+    if n < cluster.local_min_files:
+        log.info("%d input files, fewer than cluster.local_min_files (%d): working in this process, without "
+                 "starting a cluster", n, cluster.local_min_files)
+        return False
+    log.info("at least %d input files (cluster.local_min_files): starting a LocalCluster", cluster.local_min_files)
+    return True
 
 
 def _local_cluster(cluster: ClusterConfig) -> LocalCluster:

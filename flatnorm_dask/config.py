@@ -276,6 +276,14 @@ class SolveConfig:
         "from the store's chunks at every pass instead (about 3x slower, but worker memory is then bounded by "
         "the chunk size, not the campaign).  0 = always from the store.",
         minimum=0, metavar="MB")
+    one_task_max_mb: int = _option(
+        256, "int", "Largest size (MB) of one filter's solver inputs solved in a single task, with numpy, "
+        "rather than across the workers.",
+        "The size is that of persist_max_mb (flatnorm_dask.solver.memory_bytes).  A single task needs no round "
+        "trip between the workers at each iteration, which is what a solve across them waits for, but it holds "
+        "the filter in one worker's memory (about four times this size while it iterates).  A filter of 189 "
+        "LSSTCam detectors x 16 amplifiers x 1,000 exposures is 51 MB.  0 = always across the workers.",
+        minimum=0, metavar="MB")
 
 
 @dataclass(frozen=True)
@@ -375,6 +383,15 @@ class ClusterConfig:
         "counts once it has stayed up, unpaused, for a few seconds).  Ends a run that would otherwise wait for "
         "ever, e.g. with a memory_limit too small for the tasks.",
         positive=True, metavar="SECONDS")
+    local_min_files: int = _option(
+        100_000, "int", "Fewest input files for which a run starts a LocalCluster; a smaller run reads and solves "
+        "in its own process, without one.",
+        "Starting a LocalCluster costs seconds (its worker processes start and import their libraries), while "
+        "this process reads a file in about 75 us; n workers read n times faster, so the cluster wins back its "
+        "start-up only above about start-up / (75 us x (1 - 1/n)) files (benchmarks/bench_small_runs.py measures "
+        "both ways).  Only for a LocalCluster (scheduler null or local): a running scheduler or a job queue is "
+        "always used.  0 = always start the cluster.",
+        minimum=0, metavar="N")
 
 
 #: Section name -> its dataclass (``dask`` is free-form and not listed).

@@ -1,143 +1,539 @@
-"""Find flat-statistics files and read them in parallel into a chunked ``xarray.DataTree``.
+"""Read flat-statistics files in parallel into a chunked ``xarray.DataTree``.
 
-Discovery (a filename pattern with named fields, or a manifest) runs on the client and yields a file table.
-Reading runs in Dask tasks, each covering one block of (detector, exposure) cells, about ``batch_size``
-files: the task parses its files with its own :class:`~flatnorm_dask.formats.StatsReader` and returns one
-packed numpy block (channels: :class:`~flatnorm_dask.schema.PackedChannels`), so the client never touches the
-statistics.  The Datasets are slices of those packed blocks.
+Listing and reading are both Dask tasks, so that the client never holds the list of files (a few hundred bytes
+a file) and its memory stays flat however large the campaign:
+
+1. **Listing** (:mod:`flatnorm_dask.listing`): tasks list the inputs in partitions that stay on the workers;
+   the client receives a summary of each.
+2. **Layout** (:func:`list_campaign`): from the summaries the client lays out each filter's (detector,
+   exposure) grid in blocks of about ``batch_size`` cells, and chooses the expected amplifier names: the
+   camera's when one is given and it has as many amplifiers as the files, else those of most files.
+3. **Reading** (:class:`Campaign`): one task per partition routes its rows to the blocks they fall in; one
+   task per block reads its files with its own :class:`~flatnorm_dask.formats.StatsReader` into packed numpy
+   arrays (channels: :class:`~flatnorm_dask.schema.PackedChannels`).  :meth:`Campaign.tree` makes them the
+   lazy variables of a DataTree (:func:`read_campaign`); :meth:`Campaign.blocks` hands each block, in the
+   task that read it, to a function -- a run writes it into its store there.
 
 A cell's ``status`` says what happened to it (see :data:`STATUS`).  With ``on_error="mask"`` a bad file masks
-its cell; :func:`problems` turns the statuses back into (file, reason) records.
+its cell, and its ``reason`` says why; :func:`problems` lists them.  Each cell also records the file read
+(``file``) and its identity when read (``file_size``, ``file_mtime_ns``).
+
+Only numpy, the standard library and the statistics reader are imported at load time: the tasks run this
+module's functions on the workers.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import operator
 import os
-import re
-from collections.abc import Sequence
-from pathlib import Path
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from .bounded import MAX_FILE_BYTES
 from .formats import StatsReader
+from .listing import (
+    AMP_SAMPLE,
+    FileTable,
+    IngestError,
+    PartSummary,
+    compile_pattern,
+    input_source,
+    object_array,
+    summarise,
+)
 from .schema import (
     AMP_VARIABLES,
     COUNT_STAT,
-    DAY_OBS_PATTERN,
     DET_VARIABLES,
-    OBS_ID_PATTERN,
     ON_ERROR,
     PackedChannels,
     VALUE_STAT,
     StatsFormatError,
+    amp_name_key,
     check_level,
-    exposure_from_obs_id,
-    exposure_id,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "STATUS",
+    "Campaign",
     "IngestError",
     "compile_pattern",
+    "count_inputs",
     "discover",
+    "list_campaign",
     "problems",
     "read_campaign",
-    "select_files",
     "solver_inputs",
+    "status_counts",
+    "verify_amp_names",
 ]
 
 #: Cell status codes stored in the ``status`` variable.
 STATUS = {0: "ok", 1: "absent", 2: "unreadable", 3: "amplifier names differ", 4: "duplicate"}
 OK, ABSENT, BAD_FILE, AMP_MISMATCH, DUPLICATE = range(5)
 
-DEFAULT_FILTER = "all"
 DUPLICATE_SEPARATOR = " | "  # joins the paths of duplicate files in a cell's ``file`` entry
-
-# Field types: what each named field may match, and which are integers.
-_FIELD_REGEX = {
-    "exposure": r"\d+",
-    "detector": r"\d+",
-    "day_obs": DAY_OBS_PATTERN,
-    "seq_num": r"\d+",
-    "obs_id": OBS_ID_PATTERN,
-    "detector_name": r"[A-Za-z0-9]+_[A-Za-z0-9]+",
-    "run": r".+?",
-}
-_ANY = r"[^/]+?"
+_STRINGS = np.dtypes.StringDType()
 
 
-class IngestError(ValueError):
-    """Bad inputs found while listing files: a one-line message naming the file or column."""
+# ------------------------------------------------------------------------------------------------ layout
+
+@dataclass(frozen=True)
+class _Grid:
+    """One filter's (detector, exposure) grid, cut into blocks of about ``batch_size`` cells (one read task
+    each): all the detectors of a block for a run of exposures, unless there are more detectors than that."""
+
+    name: str
+    detectors: np.ndarray
+    exposures: np.ndarray
+    n_files: int
+    batch_size: int
+
+    @property
+    def det_chunk(self) -> int:
+        return min(len(self.detectors), self.batch_size)
+
+    @property
+    def exp_chunk(self) -> int:
+        return max(1, self.batch_size // self.det_chunk)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return _chunk_sizes(len(self.detectors), self.det_chunk), _chunk_sizes(len(self.exposures), self.exp_chunk)
+
+    def blocks_of(self, detectors: np.ndarray, exposures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Block rows and columns holding some (detector, exposure) ids."""
+        return (np.searchsorted(self.detectors, detectors) // self.det_chunk,
+                np.searchsorted(self.exposures, exposures) // self.exp_chunk)
 
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Regex for a filename pattern with ``{field}`` placeholders (a repeated field must repeat its value)."""
-    parts, seen, pos = [], set(), 0
-    for match in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
-        parts.append(re.escape(pattern[pos:match.start()]))
-        name = match.group(1)
-        if name in seen:
-            parts.append(f"(?P={name})")
-        else:
-            parts.append(f"(?P<{name}>{_FIELD_REGEX.get(name, _ANY)})")
-            seen.add(name)
-        pos = match.end()
-    parts.append(re.escape(pattern[pos:]))
-    has_exposure = "exposure" in seen or "obs_id" in seen or {"day_obs", "seq_num"} <= seen
-    has_detector = "detector" in seen or "detector_name" in seen
-    if not (has_exposure and has_detector):
-        raise IngestError(
-            f"pattern {pattern!r} must name the exposure ({{exposure}}, {{obs_id}} or {{day_obs}} and "
-            f"{{seq_num}}) and the detector ({{detector}} or {{detector_name}})")
-    return re.compile("".join(parts))
+def _chunk_sizes(n: int, size: int) -> tuple[int, ...]:
+    return tuple(min(size, n - start) for start in range(0, n, size))
 
 
-def _exposure_ids(table: pd.DataFrame) -> Any:
-    """Exposure ids from matched pattern fields: ``exposure``, ``obs_id``, or ``day_obs`` and ``seq_num``."""
-    if "exposure" in table:
-        return table["exposure"].astype(np.int64)
-    if "obs_id" in table:
-        ids = []
-        for path, obs_id in zip(table["path"], table["obs_id"]):
-            try:
-                ids.append(exposure_from_obs_id(obs_id))
-            except ValueError as err:
-                raise IngestError(f"{path}: {err}") from None
-        return np.array(ids, dtype=np.int64)
-    day_obs, seq_num = table["day_obs"].astype(np.int64), table["seq_num"].astype(np.int64)
-    try:
-        return exposure_id(day_obs.to_numpy(), seq_num.to_numpy())
-    except ValueError:
-        for path, day, seq in zip(table["path"], day_obs, seq_num):  # find the file to name
-            try:
-                exposure_id(day, seq)
-            except ValueError as err:
-                raise IngestError(f"{path}: {err}") from None
-        raise
+def _grids(summaries: Sequence[PartSummary], batch_size: int) -> list[_Grid]:
+    names = sorted({name for s in summaries for name in s.n_files})
+    return [_Grid(name,
+                  np.unique(np.concatenate([s.detectors[name] for s in summaries if name in s.detectors])),
+                  np.unique(np.concatenate([s.exposures[name] for s in summaries if name in s.exposures])),
+                  sum(s.n_files.get(name, 0) for s in summaries), batch_size)
+            for name in names]
 
 
-def _ids_from_fields(table: pd.DataFrame, camera: Any, source: str) -> pd.DataFrame:
-    """Turn matched pattern fields into integer exposure and detector ids."""
-    out = pd.DataFrame({"path": table["path"]})
-    out["exposure"] = _exposure_ids(table)
-    if "detector" in table:
-        out["detector"] = table["detector"].astype(np.int64)
-    else:
-        if camera is None:
-            raise IngestError(f"{source}: {{detector_name}} needs a camera to map names to ids")
-        ids = {}
-        for name in pd.unique(table["detector_name"]):
-            try:
-                ids[name] = camera.detector_id(name)
-            except KeyError:
-                bad = table["path"][table["detector_name"] == name].iloc[0]
-                raise IngestError(f"{bad}: detector {name!r} is not in camera {camera.name!r}") from None
-        out["detector"] = table["detector_name"].map(ids).astype(np.int64)
-    out["physical_filter"] = table["physical_filter"].astype(str) if "physical_filter" in table else DEFAULT_FILTER
+def _expected_amp_names(summaries: Sequence[PartSummary], camera: Any) -> tuple[tuple[str, ...], str]:
+    """The amplifier names every file should list, and where they come from (for messages).
+
+    The camera's, when one is given and has as many amplifiers as most files; otherwise those of most files
+    (of the samples the partitions read, each weighted by the files it stands for).  A single odd file --
+    the first in sort order, say -- never decides.
+    """
+    tally: Counter = Counter()
+    for s in summaries:
+        tally.update(s.amp_names)
+    if not tally:
+        if camera is not None:
+            return tuple(camera.amp_names), f"those of camera {camera.name}"
+        unread = next((s.unread[0] for s in summaries if s.unread), "")
+        raise IngestError(f"none of the files sampled for their amplifier names could be read, e.g. {unread}")
+    majority = max(tally, key=lambda names: (tally[names], names))
+    if camera is not None and len(camera.amp_names) == len(majority):
+        return tuple(camera.amp_names), f"those of camera {camera.name}"
+    n = sum(min(AMP_SAMPLE, sum(s.n_files.values())) for s in summaries)
+    return majority, f"those of most of the {n} files sampled"
+
+
+# ----------------------------------------------------------------------------------------------- the tasks
+
+def _route(table: FileTable, grids: dict[str, _Grid]) -> dict[tuple[str, int, int], tuple[np.ndarray, ...]]:
+    """A partition's rows by the block they fall in: (filter, block row, block column) -> (detector index and
+    exposure index within the block, path) -- a task."""
+    out = {}
+    for name, grid in grids.items():
+        rows = np.flatnonzero(table.physical_filter == name)
+        det = np.searchsorted(grid.detectors, table.detector[rows])
+        exp = np.searchsorted(grid.exposures, table.exposure[rows])
+        bi, bj = det // grid.det_chunk, exp // grid.exp_chunk
+        order = np.lexsort((bj, bi))
+        bi, bj = bi[order], bj[order]
+        starts = np.flatnonzero(np.r_[True, (bi[1:] != bi[:-1]) | (bj[1:] != bj[:-1])]) if len(rows) else []
+        for start, end in zip(starts, [*starts[1:], len(rows)]):
+            i, j, sel = int(bi[start]), int(bj[start]), order[start:end]
+            out[(name, i, j)] = (det[sel] - i * grid.det_chunk, exp[sel] - j * grid.exp_chunk,
+                                 table.path[rows[sel]])
     return out
+
+
+def _piece(routed: dict, key: tuple[str, int, int]) -> tuple[np.ndarray, ...]:
+    return routed.get(key) or (np.empty(0, np.int64), np.empty(0, np.int64), object_array([]))
+
+
+@dataclass(frozen=True)
+class _BlockSpec:
+    """What a reading task needs besides its files: where its block is, the expected amplifier names."""
+
+    name: str
+    detectors: np.ndarray
+    exposures: np.ndarray
+    region: dict[str, slice]
+    amp_names: tuple[str, ...]
+    amp_source: str
+    on_error: str
+    max_file_bytes: int
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a local file before it is read, so that a later run can tell whether it changed;
+    (-1, -1) for a URI or a file that cannot be stat'ed."""
+    if "://" in path:
+        return -1, -1
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _reason(err: StatsFormatError) -> str:
+    return err.reason if err.key is None else f"key {err.key}: {err.reason}"
+
+
+def _read_block(spec: _BlockSpec, *pieces: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Read one block's files -- a task.
+
+    Returns the packed statistics (detector, channel, exposure), the files' identity (2, detector, exposure:
+    size and mtime_ns, -1 where none), and per cell the file read and, for a masked cell, why.
+    """
+    n_det, n_exp = len(spec.detectors), len(spec.exposures)
+    channels = PackedChannels(len(spec.amp_names))
+    packed = np.full((n_det, channels.size, n_exp), np.nan)
+    packed[:, channels.status, :] = ABSENT
+    packed[:, channels.det_channel(COUNT_STAT), :] = 0.0  # an absent cell has no pixels
+    packed[:, channels.amp_channels(COUNT_STAT), :] = 0.0
+    identity = np.full((2, n_det, n_exp), -1, dtype=np.int64)
+    files = np.full((n_det, n_exp), "", dtype=_STRINGS)
+    reasons = np.full((n_det, n_exp), "", dtype=_STRINGS)
+
+    cells = np.concatenate([p[0] * n_exp + p[1] for p in pieces]) if pieces else np.empty(0, np.int64)
+    paths = np.concatenate([p[2] for p in pieces]) if pieces else object_array([])
+    order = np.argsort(cells, kind="stable")
+    cells, paths = cells[order], paths[order]
+    unique, first, count = np.unique(cells, return_index=True, return_counts=True)
+    single = count == 1
+    for cell, at, n in zip(unique[~single], first[~single], count[~single]):  # rare: a cell listed twice
+        d, e = divmod(int(cell), n_exp)
+        same = sorted(map(str, paths[at:at + n]))
+        if spec.on_error == "raise":
+            raise IngestError(f"{same[1]}: duplicate of {same[0]} (exposure {spec.exposures[e]}, "
+                              f"detector {spec.detectors[d]})")
+        packed[d, channels.status, e] = DUPLICATE
+        files[d, e] = DUPLICATE_SEPARATOR.join(same)
+        reasons[d, e] = f"duplicate (detector, exposure): {files[d, e]}"
+    d_all, e_all = np.divmod(unique[single], n_exp)
+    to_read = [str(p) for p in paths[first[single]]]
+    files[d_all, e_all] = to_read
+    identity[:, d_all, e_all] = np.array([_identity(p) for p in to_read], dtype=np.int64).reshape(-1, 2).T
+
+    # Each file's numbers are collected, then put in place at once (one fancy assignment, not three a file).
+    ok, dets, amps = [], [], []
+    # One reader for the block: the files after the first read through the layout it learns from them.
+    reader = StatsReader(max_bytes=spec.max_file_bytes)
+    for k, row in enumerate(reader.read_many(to_read)):
+        code = BAD_FILE
+        if not isinstance(row, StatsFormatError) and row.amp_names != spec.amp_names:
+            row = StatsFormatError(to_read[k], f"amplifier names {list(row.amp_names)} differ from the expected "
+                                   f"{list(spec.amp_names)} ({spec.amp_source})", key=amp_name_key("i"))
+            code = AMP_MISMATCH
+        if isinstance(row, StatsFormatError):
+            if spec.on_error == "raise":
+                raise row
+            packed[d_all[k], channels.status, e_all[k]] = code
+            reasons[d_all[k], e_all[k]] = _reason(row)
+            continue
+        ok.append(k)
+        dets.append(row.det)
+        amps.append(row.amp.reshape(-1))
+    if ok:
+        d_ok, e_ok = d_all[ok], e_all[ok]
+        packed[d_ok, channels.status, e_ok] = OK
+        packed[d_ok, channels.det, e_ok] = np.array(dets)
+        packed[d_ok, channels.amp, e_ok] = np.array(amps)
+    return packed, identity, files, reasons
+
+
+def _dataset(outputs: Sequence[Any], detectors: np.ndarray, exposures: np.ndarray, amp_names: Sequence[str],
+             attrs: Mapping[str, Any]):
+    """The Dataset of reading tasks' outputs (one block's numpy arrays, or a filter's dask arrays alike)."""
+    import xarray as xr
+
+    packed, identity, files, reasons = outputs
+    channels = PackedChannels(len(amp_names))
+    cell = ("detector", "exposure")
+    amp_cell = ("detector", "amp", "exposure")
+    ds = xr.Dataset(
+        {
+            "status": (cell, packed[:, channels.status, :].astype(np.uint8)),
+            **{name: (amp_cell if per_amp else cell, packed[:, index, :])
+               for name, per_amp, index in channels.variables()},
+            "file": (cell, files, {"long_name": "file read for the cell ('' if none; duplicates joined by ' | ')"}),
+            "file_size": (cell, identity[0], {"long_name": "size in bytes of the file when it was read (-1 if unknown)"}),
+            "file_mtime_ns": (cell, identity[1], {"long_name": "modification time (ns since the epoch) of the file "
+                                                               "when it was read (-1 if unknown)"}),
+            "reason": (cell, reasons, {"long_name": "why the cell was masked ('' if it was not)"}),
+        },
+        coords={"detector": detectors, "amp": list(amp_names), "exposure": exposures},
+        attrs=dict(attrs),
+    )
+    ds["status"].attrs.update(flag_meanings=" ".join(v.replace(" ", "_") for v in STATUS.values()),
+                              flag_values=list(STATUS))
+    return ds
+
+
+def _read_block_then(spec: _BlockSpec, then: Callable, *pieces: tuple[np.ndarray, ...]) -> Any:
+    """Read one block's files and hand their Dataset to ``then`` (with the filter's name and the block's
+    region of the filter's grid) -- a task; returns what ``then`` returns."""
+    block = _dataset(_read_block(spec, *pieces), spec.detectors, spec.exposures, spec.amp_names, {})
+    return then(spec.name, block, spec.region)
+
+
+# --------------------------------------------------------------------------------------------- the plan
+
+@dataclass
+class Campaign:
+    """A listed campaign: its filters' grids and the reading tasks that fill them, not yet run.
+
+    Made by :func:`list_campaign`; :meth:`tree` gives its lazy DataTree, :meth:`blocks` one task per block.
+    The listing tasks' tables stay on the workers for as long as the Campaign (or a graph made of it) lives.
+    """
+
+    grids: list[_Grid]
+    amp_names: tuple[str, ...]
+    amp_source: str
+    on_error: str
+    max_file_bytes: int
+    problems: list[dict[str, str]]
+    camera: Any
+    n_listed: int
+    _parts: list[Any]
+    _summaries: list[PartSummary]
+
+    @property
+    def filters(self) -> list[str]:
+        return [grid.name for grid in self.grids]
+
+    @property
+    def n_files(self) -> dict[str, int]:
+        return {grid.name: grid.n_files for grid in self.grids}
+
+    def _graph(self, then: Callable | None):
+        """One graph layer for the whole campaign: a routing task per partition, a piece per (partition, block)
+        it feeds, a reading task per block.  Returns the graph, its layer name and each filter's grid of
+        block keys.
+
+        One layer of tasks rather than a delayed call per block: the client's cost stays a few microseconds a
+        block, and no file list enters the graph.
+        """
+        from dask._task_spec import Task, TaskRef
+        from dask.highlevelgraph import HighLevelGraph
+
+        token = uuid.uuid4().hex[:16]  # reading files is not pure: every graph gets its own keys
+        layer: dict[Any, Any] = {}
+        pieces: dict[tuple[int, int, int], list[Any]] = {}
+        index = {grid.name: g for g, grid in enumerate(self.grids)}
+        for p, (part, summary) in enumerate(zip(self._parts, self._summaries)):
+            present = {name: self.grids[index[name]] for name in summary.n_files}
+            if not present:
+                continue
+            route = (f"route-files-{token}", p)
+            layer[route] = Task(route, _route, TaskRef(part.key), present)
+            for name, grid in present.items():
+                rows, cols = grid.blocks_of(summary.detectors[name], summary.exposures[name])
+                for i, j in itertools.product(np.unique(rows).tolist(), np.unique(cols).tolist()):
+                    key = (f"route-piece-{token}", p, index[name], i, j)
+                    layer[key] = Task(key, _piece, TaskRef(route), (name, i, j))
+                    pieces.setdefault((index[name], i, j), []).append(key)
+        blocks = []
+        for g, grid in enumerate(self.grids):
+            det_chunks, exp_chunks = grid.chunks
+            keys = []
+            for i, j in itertools.product(range(len(det_chunks)), range(len(exp_chunks))):
+                key = (f"read-block-{token}", g, i, j)
+                d0, e0 = i * grid.det_chunk, j * grid.exp_chunk
+                d1, e1 = d0 + det_chunks[i], e0 + exp_chunks[j]
+                spec = _BlockSpec(grid.name, grid.detectors[d0:d1], grid.exposures[e0:e1],
+                                  {"detector": slice(d0, d1), "exposure": slice(e0, e1)}, self.amp_names,
+                                  self.amp_source, self.on_error, self.max_file_bytes)
+                refs = [TaskRef(k) for k in pieces.get((g, i, j), [])]
+                layer[key] = (Task(key, _read_block, spec, *refs) if then is None else
+                              Task(key, _read_block_then, spec, then, *refs))
+                keys.append(key)
+            blocks.append(object_array(keys).reshape(len(det_chunks), len(exp_chunks)))
+        name = f"read-campaign-{token}"
+        return HighLevelGraph.from_collections(name, layer, dependencies=list(self._parts)), name, blocks
+
+    def tree(self):
+        """The campaign as a DataTree of lazy variables (see :func:`read_campaign`)."""
+        import xarray as xr
+
+        graph, layer, keys = self._graph(None)
+        children = {}
+        for g, (grid, k) in enumerate(zip(self.grids, keys)):
+            det_chunks, exp_chunks = grid.chunks
+            n_channels = PackedChannels(len(self.amp_names)).size
+            outputs = [_block_array(graph, layer, k, g, 0, (det_chunks, (n_channels,), exp_chunks),
+                                    lambda i, j: (i, 0, j), np.float64),
+                       _block_array(graph, layer, k, g, 1, ((2,), det_chunks, exp_chunks), lambda i, j: (0, i, j),
+                                    np.int64),
+                       *(_block_array(graph, layer, k, g, output, (det_chunks, exp_chunks), lambda i, j: (i, j),
+                                      _STRINGS) for output in (2, 3))]
+            ds = _dataset(outputs, grid.detectors, grid.exposures, self.amp_names,
+                          {"n_files": grid.n_files, "on_error": self.on_error, "amp_names_from": self.amp_source})
+            if self.camera is not None:
+                _name_detectors(ds, self.camera)
+            children[grid.name] = ds
+        return xr.DataTree.from_dict({"/": xr.Dataset(attrs={"problems": self.problems}), **children})
+
+    def release(self) -> None:
+        """Let go of the listing tasks' tables (on the workers); the Campaign makes no graph after this."""
+        self._parts, self._summaries = [], []
+
+    def blocks(self, then: Callable[[str, Any, dict[str, slice]], Any]) -> list[Any]:
+        """One Delayed per block of every filter: the task that reads the block's files, then returns
+        ``then(filter, block, region)``, where ``block`` is the block's Dataset (numpy-backed, laid out as a
+        node of :meth:`tree`) and ``region`` its ``{"detector": slice, "exposure": slice}`` in the filter's grid.
+
+        ``then`` runs on the worker that read the block (e.g. to write it into a store); it must be picklable.
+        """
+        from dask.delayed import Delayed
+
+        graph, layer, keys = self._graph(then)
+        return [Delayed(key, graph, layer=layer) for k in keys for key in k.flat]
+
+
+def _block_array(graph, layer: str, keys: np.ndarray, g: int, output: int, chunks: tuple, where: Callable, dtype):
+    """A dask array of one output of filter ``g``'s reading tasks: chunk ``where(i, j)`` is output ``output``
+    of block (i, j)."""
+    import dask.array as da
+    from dask._task_spec import Task, TaskRef
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"{layer}-{g}-{output}"
+    tasks = {}
+    for (i, j), key in np.ndenumerate(keys):
+        chunk = (name, *where(i, j))
+        tasks[chunk] = Task(chunk, operator.getitem, TaskRef(key), output)
+    graph = HighLevelGraph({**graph.layers, name: tasks}, {**graph.dependencies, name: {layer}})
+    return da.Array(graph, name, chunks, dtype=dtype)
+
+
+def _name_detectors(ds, camera: Any) -> None:
+    """Add the camera's detector names as a ``detector_name`` coordinate (ids it does not know get "")."""
+    names = dict(zip(camera.detector.tolist(), camera.detector_name.tolist()))
+    ds.coords["detector_name"] = ("detector", np.array([names.get(int(d), "") for d in ds["detector"].values],
+                                                        dtype=object))
+
+
+def list_campaign(
+    root: str | os.PathLike | None = None,
+    pattern: str | None = None,
+    manifest: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    *,
+    camera: Any = None,
+    batch_size: int = 1000,
+    files: Any = None,
+    files_from: str = "file table",
+    select: tuple[str, str] | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> Campaign:
+    """List a campaign's files (by Dask tasks, on the active scheduler) and lay out their reading.
+
+    The arguments are :func:`read_campaign`'s; nothing is read yet but a sample of files for their amplifier
+    names.  ``files_from`` names a file table in messages (a butler repository, say).
+    """
+    import dask
+
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    source = input_source(root, pattern, manifest, camera, files, files_from=files_from, select=select)
+    parts = source.partitions(on_error)
+    parts = list(dask.persist(*parts)) if parts else []
+    summaries = list(dask.compute(*[dask.delayed(summarise, pure=False)(p, max_file_bytes) for p in parts]))
+    log.debug("listed %d files in %d partitions", sum(n for s in summaries for n in s.n_files.values()), len(parts))
+    listing = [p for s in summaries for p in s.problems]
+    grids = _grids(summaries, batch_size)
+    n_listed = sum(s.n_listed for s in summaries)
+    if not grids and select and n_listed:
+        seen = sorted({v for s in summaries for v in s.seen})
+        shown = ", ".join(repr(v) for v in seen[:10]) + (f" and {len(seen) - 10} more" if len(seen) > 10 else "")
+        raise IngestError(f"{source.name}: no input exposure has {select[0]} = {select[1]!r} (compared "
+                          f"case-insensitively); {'the values there: ' + shown if seen else 'none has a value'}")
+    if not grids:
+        raise IngestError(source.nothing_found() + (f" ({listing[0]['file']}: {listing[0]['reason']})"
+                                                    if listing else ""))
+    amp_names, amp_source = _expected_amp_names(summaries, camera)
+    return Campaign(grids, amp_names, amp_source, on_error, max_file_bytes, listing, camera, n_listed, parts, summaries)
+
+
+def read_campaign(
+    root: str | os.PathLike | None = None,
+    pattern: str | None = None,
+    manifest: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    *,
+    camera: Any = None,
+    batch_size: int = 1000,
+    files: Any = None,
+    select: tuple[str, str] | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+):
+    """Read flat statistics files into a DataTree, one child node per physical_filter.
+
+    The files are listed now (by Dask tasks, on the active scheduler) and read lazily.
+
+    Parameters
+    ----------
+    root, pattern, manifest
+        Where the files are: see :func:`discover`.
+    files : pandas.DataFrame, optional
+        Instead of the above, a file table such as :func:`discover` returns.
+    on_error : {"raise", "mask"}
+        On an unreadable or malformed file, a duplicate (detector, exposure), amplifier names that differ
+        from the expected ones, or a directory that cannot be listed: raise an error naming the file (and the
+        key), or mask the cell and record why.
+    camera : Camera, optional
+        Maps a pattern's ``{detector_name}`` to ids, names the detectors, and gives the expected amplifier
+        names when it has as many as the files (otherwise most files' names are expected).
+    batch_size : int
+        Files per reading task (and so per chunk).
+    select : (field, value), optional
+        A down-selection (:func:`flatnorm_dask.schema.parse_selection`): only the files whose manifest or
+        table column ``field`` equals ``value``, ignoring case (:func:`flatnorm_dask.listing.selected`).
+    max_file_bytes : int
+        Largest file read; a larger one is a bad file (see :class:`~flatnorm_dask.formats.StatsReader`).
+
+    Returns
+    -------
+    xarray.DataTree
+        Child nodes named after the filters (``all`` when the inputs carry none).  Each Dataset has
+        ``amp_value``, ``amp_count``, ``amp_sigma`` (detector, amp, exposure), ``det_value``, ``det_count``,
+        ``det_sigma``, ``status``, ``file``, ``file_size``, ``file_mtime_ns`` and ``reason`` (detector,
+        exposure) as lazy dask arrays chunked along exposure (and detector).  A detector or exposure with no
+        file is absent: NaN with count 0.  The root's ``problems`` attribute lists directories that could not
+        be listed (with ``mask``).
+    """
+    return list_campaign(root, pattern, manifest, on_error, camera=camera, batch_size=batch_size, files=files,
+                         select=select, max_file_bytes=max_file_bytes).tree()
 
 
 def discover(
@@ -145,9 +541,8 @@ def discover(
     pattern: str | None = None,
     manifest: str | os.PathLike | None = None,
     camera: Any = None,
-    columns: Sequence[str] = (),
-) -> pd.DataFrame:
-    """List the input files with their data ids.
+):
+    """List the input files with their data ids, as one table (on the client: for a look, or small campaigns).
 
     Parameters
     ----------
@@ -160,314 +555,71 @@ def discover(
         ``detector_name`` (mapped to ids through ``camera``); optional ``physical_filter``; other fields
         match anything.
     manifest : path
-        CSV or Parquet file with columns ``path, exposure, detector[, physical_filter]``.
+        CSV or Parquet file with columns ``path, exposure, detector[, physical_filter]``.  An empty required
+        cell or an id that is not an int64 integer is an error naming the manifest, the row (a CSV's line
+        number) and the column.
     camera : Camera, optional
         Needed for ``{detector_name}`` fields.
-    columns : sequence of str
-        Further manifest columns to keep (as strings), such as the exposure field of a down-selection
-        (:func:`select_files`); a pattern has none.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``path`` (absolute), ``exposure``, ``detector``, ``physical_filter`` and ``columns``, sorted.
+        Columns ``path`` (absolute), ``exposure``, ``detector``, ``physical_filter``, sorted.
     """
-    if (pattern is None) == (manifest is None):
-        raise IngestError("give exactly one of a pattern (with a root directory) or a manifest")
-    if manifest is not None:
-        table = _read_manifest(Path(manifest), root, tuple(columns))
-    else:
-        if root is None:
-            raise IngestError("a pattern needs a root directory")
-        if columns:
-            raise IngestError(f"a pattern gives no column {', '.join(columns)}: list the files in a manifest")
-        table = _scan(Path(root), pattern, camera)
-    return table.sort_values(["physical_filter", "exposure", "detector", "path"], kind="stable",
-                             ignore_index=True)
-
-
-def _scan(root: Path, pattern: str, camera: Any) -> pd.DataFrame:
-    if not root.is_dir():
-        raise IngestError(f"{root}: input directory not found")
-    regex = compile_pattern(pattern.lstrip("/"))
-    rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
-        for name in filenames:
-            match = regex.fullmatch(prefix + name)
-            if match:
-                fields = match.groupdict()
-                fields["path"] = os.path.join(dirpath, name)
-                rows.append(fields)
-    if not rows:
-        raise IngestError(f"{root}: no file matches pattern {pattern!r}")
-    return _ids_from_fields(pd.DataFrame(rows), camera, str(root))
-
-
-def _read_manifest(path: Path, root: str | os.PathLike | None, columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            table = pd.read_parquet(path)
-        else:
-            table = pd.read_csv(path, dtype=dict.fromkeys(("path", "physical_filter", *columns), str))
-    except (OSError, ValueError, ImportError) as err:
-        raise IngestError(f"{path}: cannot read manifest: {err}") from None
-    missing = [c for c in ("path", "exposure", "detector", *columns) if c not in table.columns]
-    if missing:
-        raise IngestError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
-    for column in ("exposure", "detector"):
-        values = pd.to_numeric(table[column], errors="coerce")
-        if values.isna().any() or (values != values.round()).any():
-            bad = table[column][values.isna() | (values != values.round())].iloc[0]
-            raise IngestError(f"{path}: column {column}: not an integer id: {bad!r}")
-        table[column] = values.astype(np.int64)
-    base = Path(root) if root is not None else path.parent
-    table["path"] = [p if os.path.isabs(p) else str(base / p) for p in table["path"].astype(str)]
-    if "physical_filter" not in table:
-        table["physical_filter"] = DEFAULT_FILTER
-    table["physical_filter"] = table["physical_filter"].fillna(DEFAULT_FILTER).astype(str)
-    for column in columns:
-        table[column] = table[column].astype("string")  # an empty cell stays missing, never the text "nan"
-    return table[["path", "exposure", "detector", "physical_filter", *columns]].copy()
-
-
-def select_files(files: pd.DataFrame, field: str, value: str, source: str) -> pd.DataFrame:
-    """The rows of a file table whose exposure ``field`` equals ``value``, compared case-insensitively.
-
-    The down-selection of cp_pipe's normalisation task (``doDownSelection``), on a column named after the
-    exposure record field (:data:`flatnorm_dask.schema.SELECT_FIELDS`): from the butler's exposure records
-    (:func:`flatnorm_dask.butler.find_inputs`) or a manifest (:func:`discover` with ``columns``).  A missing
-    value never matches.
-
-    Raises
-    ------
-    IngestError
-        No such column, or no row left; the message names ``source`` and the values that are there.
-    """
-    if field not in files.columns:
-        raise IngestError(f"{source}: no {field} column to select on")
-    values = files[field].astype("string")
-    keep = (values.str.lower() == value.lower()).fillna(False).to_numpy(dtype=bool)
-    if not keep.any():
-        seen = sorted(values.dropna().unique())
-        shown = ", ".join(repr(v) for v in seen[:10]) + (f" and {len(seen) - 10} more" if len(seen) > 10 else "")
-        raise IngestError(f"{source}: no input exposure has {field} = {value!r} (compared case-insensitively); "
-                          f"{'the values there: ' + shown if seen else 'none has a value'}")
-    return files[keep].reset_index(drop=True)
-
-
-def _probe_amp_names(paths: Sequence[str], on_error: str, max_file_bytes: int) -> tuple[str, ...]:
-    """Amplifier names from the first readable file (the reference gets them from the camera)."""
-    reader = StatsReader(max_bytes=max_file_bytes)
-    for path in paths:
-        try:
-            return reader.read(path).amp_names
-        except StatsFormatError:
-            if on_error == "raise":
-                raise
-    raise IngestError(f"none of the {len(paths)} files could be read")
-
-
-def _read_block(rows: np.ndarray, cols: np.ndarray, paths: Sequence[str], shape: tuple[int, int],
-                amp_names: tuple[str, ...], on_error: str, duplicates: np.ndarray,
-                max_file_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
-    """Read one block of files into a packed array (detector, channel, exposure) -- runs in a Dask task.
-
-    The channels are :class:`~flatnorm_dask.schema.PackedChannels`'; one reader serves the whole block, so
-    the files after the second read through the layout it learns from them.
-    """
-    channels = PackedChannels(len(amp_names))
-    block = np.full((shape[0], channels.size, shape[1]), np.nan)
-    status = channels.status
-    block[:, status, :] = ABSENT
-    block[:, channels.det_channel(COUNT_STAT), :] = 0.0  # an absent cell has no pixels
-    block[:, channels.amp_channels(COUNT_STAT), :] = 0.0
-    results = StatsReader(max_bytes=max_file_bytes).read_many(p for p, dup in zip(paths, duplicates) if not dup)
-    for r, c, path, dup in zip(rows, cols, paths, duplicates):
-        if dup:
-            block[r, status, c] = DUPLICATE
-            continue
-        stats = next(results)
-        if isinstance(stats, StatsFormatError):
-            if on_error == "raise":
-                raise stats
-            block[r, status, c] = BAD_FILE
-            continue
-        if stats.amp_names != amp_names:
-            if on_error == "raise":
-                raise StatsFormatError(path, f"amplifier names {list(stats.amp_names)} differ from "
-                                       f"{list(amp_names)} of the other files", key="AMP_NAME_i")
-            block[r, status, c] = AMP_MISMATCH
-            continue
-        block[r, status, c] = OK
-        block[r, channels.det, c] = stats.det
-        block[r, channels.amp, c] = stats.amp.reshape(-1)
-    return block
-
-
-def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _read_filter(files: pd.DataFrame, amp_names: tuple[str, ...], on_error: str, batch_size: int,
-                 max_file_bytes: int):
-    """One filter's Dataset, backed by one Dask task per block of about ``batch_size`` files."""
     import dask
-    import dask.array as da
-    import xarray as xr
 
-    detectors = np.unique(files["detector"].to_numpy())
-    exposures = np.unique(files["exposure"].to_numpy())
-    det_idx = np.searchsorted(detectors, files["detector"].to_numpy())
-    exp_idx = np.searchsorted(exposures, files["exposure"].to_numpy())
-    dup = files.duplicated(["exposure", "detector"], keep=False).to_numpy()
-    if dup.any() and on_error == "raise":
-        first = files[dup].iloc[0]
-        others = files[dup & (files["exposure"] == first.exposure) & (files["detector"] == first.detector)]
-        raise IngestError(f"{others['path'].iloc[1]}: duplicate of {others['path'].iloc[0]} "
-                          f"(exposure {first.exposure}, detector {first.detector})")
-    n_det, n_exp = len(detectors), len(exposures)
-    det_chunk = min(n_det, batch_size)
-    exp_chunk = max(1, batch_size // det_chunk)
-    paths = files["path"].to_numpy()
-    channels = PackedChannels(len(amp_names))
-
-    rows_of_blocks = []
-    for d0, d1 in _chunk_bounds(n_det, det_chunk):
-        in_rows = (det_idx >= d0) & (det_idx < d1)
-        blocks = []
-        for e0, e1 in _chunk_bounds(n_exp, exp_chunk):
-            sel = in_rows & (exp_idx >= e0) & (exp_idx < e1)
-            task = dask.delayed(_read_block, pure=True)(
-                det_idx[sel] - d0, exp_idx[sel] - e0, paths[sel].tolist(), (d1 - d0, e1 - e0),
-                amp_names, on_error, dup[sel], max_file_bytes)
-            blocks.append(da.from_delayed(task, shape=(d1 - d0, channels.size, e1 - e0), dtype=np.float64))
-        rows_of_blocks.append(da.concatenate(blocks, axis=2))
-    packed = da.concatenate(rows_of_blocks, axis=0)
-
-    cell = ("detector", "exposure")
-    amp_cell = ("detector", "amp", "exposure")
-    file_grid = np.full((n_det, n_exp), "", dtype=object)
-    file_grid[det_idx[~dup], exp_idx[~dup]] = paths[~dup]
-    for (d, e), group in files[dup].groupby([det_idx[dup], exp_idx[dup]]):
-        file_grid[d, e] = DUPLICATE_SEPARATOR.join(group["path"])
-    statistics = {name: (amp_cell if per_amp else cell, packed[:, index, :])
-                  for name, per_amp, index in channels.variables()}
-    ds = xr.Dataset(
-        {
-            "status": (cell, packed[:, channels.status, :].astype(np.uint8)),
-            **statistics,
-            "file": (cell, file_grid.astype(str)),
-        },
-        coords={"detector": detectors, "amp": list(amp_names), "exposure": exposures},
-        attrs={"n_files": int(len(files)), "on_error": on_error},
-    )
-    ds["status"].attrs["flag_meanings"] = " ".join(v.replace(" ", "_") for v in STATUS.values())
-    ds["status"].attrs["flag_values"] = list(STATUS)
-    return ds
+    source = input_source(root, pattern, manifest, camera, None)
+    table = FileTable.concat(list(dask.compute(*source.partitions("raise"))))
+    if not len(table):
+        raise IngestError(source.nothing_found())
+    return table.to_frame().sort_values(["physical_filter", "exposure", "detector", "path"], kind="stable",
+                                        ignore_index=True)
 
 
-def read_campaign(
-    root: str | os.PathLike | None = None,
-    pattern: str | None = None,
-    manifest: str | os.PathLike | None = None,
-    on_error: str = "raise",
-    *,
-    camera: Any = None,
-    batch_size: int = 1000,
-    files: pd.DataFrame | None = None,
-    max_file_bytes: int = MAX_FILE_BYTES,
-):
-    """Read flat statistics files into a DataTree, one child node per physical_filter.
+def count_inputs(root: str | os.PathLike | None = None, pattern: str | None = None,
+                 manifest: str | os.PathLike | None = None, *, camera: Any = None, files: Any = None,
+                 files_from: str = "file table", limit: int) -> int:
+    """How many input files there are, counted cheaply on the client and only up to just past ``limit``.
 
-    Parameters
-    ----------
-    root, pattern, manifest, camera
-        Where the files are: see :func:`discover`.  Amplifier names come from the files.
-    files : pandas.DataFrame, optional
-        Instead of the above, a file table such as :func:`discover` returns.
-    on_error : {"raise", "mask"}
-        On an unreadable or malformed file, a duplicate (detector, exposure) or amplifier names that
-        disagree: raise an error naming the file and key, or mask the cell and record its status.
-    batch_size : int
-        Files per Dask task (and so per chunk).
-    max_file_bytes : int
-        Largest file read; a larger one is a bad file (see :class:`~flatnorm_dask.formats.StatsReader`).
-
-    Returns
-    -------
-    xarray.DataTree
-        Child nodes named after the filters (``all`` when the inputs carry none).  Each Dataset has
-        ``amp_value``, ``amp_count``, ``amp_sigma`` (detector, amp, exposure), ``det_value``,
-        ``det_count``, ``det_sigma`` and ``status`` (detector, exposure) as lazy dask arrays chunked along
-        exposure (and detector), and ``file`` (detector, exposure), the path read for each cell.
-        A detector or exposure with no file is absent: NaN with count 0.
+    A manifest's rows, a table's length, or every file below a pattern's root (matching or not: a bound,
+    as is the count before a down-selection).  Runs use it to decide whether the work is worth starting a
+    cluster.
     """
-    import xarray as xr
-
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-    if files is None:
-        files = discover(root, pattern, manifest, camera)
-    if len(files) == 0:
-        raise IngestError("no input files")
-    # The files, not the camera, say which amplifiers they list: a camera mismatch must not mask everything.
-    amp_names = _probe_amp_names(files["path"].tolist(), on_error, max_file_bytes)
-    children = {str(name): _read_filter(group, amp_names, on_error, batch_size, max_file_bytes)
-                for name, group in files.groupby("physical_filter", sort=True)}
-    if camera is not None:
-        for ds in children.values():
-            _name_detectors(ds, camera)
-    return xr.DataTree.from_dict(children)
+    return input_source(root, pattern, manifest, camera, files, files_from=files_from).count(limit)
 
 
-def _name_detectors(ds, camera: Any) -> None:
-    """Add the camera's detector names as a ``detector_name`` coordinate (ids it does not know get "")."""
-    names = dict(zip(camera.detector.tolist(), camera.detector_name.tolist()))
-    ds.coords["detector_name"] = ("detector", np.array([names.get(int(d), "") for d in ds["detector"].values],
-                                                        dtype=object))
+# ----------------------------------------------------------------------------------------------- checks
+
+def problems(ds) -> list[dict[str, Any]]:
+    """The masked cells of a :func:`read_campaign` node (or of a block, or of a store's group), as ``{"file",
+    "status", "reason", "detector", "exposure"}`` records; a duplicate's ``file`` is the first of its paths."""
+    import dask
+
+    # One compute for the three (each would otherwise read a lazy node's files again).
+    status, files, reasons = dask.compute(*(ds[name].data for name in ("status", "file", "reason")))
+    detectors, exposures = ds["detector"].values, ds["exposure"].values
+    return [{"file": str(files[d, e]).split(DUPLICATE_SEPARATOR)[0], "status": STATUS[int(status[d, e])],
+             "reason": str(reasons[d, e]), "detector": int(detectors[d]), "exposure": int(exposures[e])}
+            for d, e in zip(*np.nonzero((status != OK) & (status != ABSENT)))]
 
 
-def problems(ds, status: np.ndarray | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> list[dict[str, str]]:
-    """The (file, reason) records of a filter's masked cells.
+def status_counts(ds) -> np.ndarray:
+    """Cells of each status code (indexed by code) of a node, a block or a store's group."""
+    return np.bincount(np.asarray(ds["status"].values).ravel(), minlength=len(STATUS))[:len(STATUS)]
 
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        A node of :func:`read_campaign`'s tree.
-    status : ndarray, optional
-        ``ds.status`` already computed (it is computed here otherwise).
-    max_file_bytes : int
-        The limit the files were read with.
 
-    Notes
-    -----
-    Only the flagged files are read again, on the client, to recover each parser's exact message.
+def verify_amp_names(amp_names: Sequence[str], amp_source: str, counts: np.ndarray) -> None:
+    """Refuse a campaign in which more files list other amplifier names than list the expected ones.
+
+    ``counts`` are the campaign's :func:`status_counts`.  With ``mask``, such files are masked one by one;
+    when they are most of the campaign, the expected names were the wrong ones (a camera whose amplifiers are
+    listed in another order, say), and masking would hide it.
     """
-    status = np.asarray(ds["status"].values if status is None else status)
-    files = ds["file"].values
-    reader = StatsReader(max_bytes=max_file_bytes)
-    out = []
-    for d, e in zip(*np.nonzero((status != OK) & (status != ABSENT))):
-        path, code = str(files[d, e]), int(status[d, e])
-        if code == BAD_FILE:
-            try:
-                reader.read(path)
-                reason = "unreadable when read by the worker"  # e.g. it has since been fixed or appeared
-            except StatsFormatError as err:
-                reason = err.reason if err.key is None else f"key {err.key}: {err.reason}"
-        elif code == DUPLICATE:
-            reason = f"duplicate (detector, exposure): {path}"
-            path = path.split(DUPLICATE_SEPARATOR)[0]
-        else:
-            reason = STATUS[code]
-        out.append({"file": path, "reason": reason, "detector": int(ds.detector[d]),
-                    "exposure": int(ds.exposure[e])})
-    return out
+    if counts[AMP_MISMATCH] > counts[OK]:
+        raise IngestError(f"{int(counts[AMP_MISMATCH])} of {int(counts[AMP_MISMATCH] + counts[OK])} readable files "
+                          f"list other amplifier names than the expected {list(map(str, amp_names))} "
+                          f"({amp_source}); check input.camera, whose amplifier names are expected when it has as "
+                          "many as the files")
 
 
 def solver_inputs(ds, level: str) -> tuple[Any, Any]:

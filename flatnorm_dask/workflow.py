@@ -9,8 +9,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import logging
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +24,27 @@ import xarray as xr
 
 from . import __version__
 from .config import Config, SolveConfig
-from .ingest import discover, problems, read_campaign, select_files, solver_inputs
+from .ingest import (
+    STATUS,
+    Campaign,
+    count_inputs,
+    list_campaign,
+    problems,
+    solver_inputs,
+    status_counts,
+    verify_amp_names,
+)
 from .schema import parse_selection
 from .solver import FitError, ScaleResult, measure_scales, memory_bytes
 from .store import (
     OutputPathError,
     append_variables,
     exposures_left_out,
-    group_datasets,
     open_store,
     scales_yaml_paths,
     store_transaction,
     write_groups,
+    write_region,
     write_scales_yaml,
 )
 
@@ -117,11 +128,20 @@ def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
     return measure_scales(background, weight, **options)
 
 
+#: What the store keeps of each cell's reading besides the statistic and its weight: its status and why a
+#: masked cell was masked, and the identity of the file read (path, size, mtime), so that a later run can tell
+#: which files are new or changed.
+READING_VARIABLES = ("status", "reason", "file", "file_size", "file_mtime_ns")
+#: What the solver reads of a filter's group: the statistic, its weight and the reading status.
+SOLVER_VARIABLES = ("background", "weight", "status")
+
+
 def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
     """A node of :func:`flatnorm_dask.read_campaign` reduced to what a scaling level uses and the store keeps:
-    ``background`` and ``weight`` (the statistic and its pixel count) and the reading ``status``."""
+    ``background`` and ``weight`` (the statistic and its pixel count) and :data:`READING_VARIABLES`."""
     background, weight = solver_inputs(ds, level)
-    out = xr.Dataset({"background": background, "weight": weight, "status": ds["status"]}, attrs=ds.attrs)
+    out = xr.Dataset({"background": background, "weight": weight,
+                      **{name: ds[name] for name in READING_VARIABLES if name in ds}}, attrs=ds.attrs)
     # The amplifier names stay at detector level too: the cpFlatNormScales export lists expScale per amp.
     return out.assign_coords(amp=ds["amp"])
 
@@ -194,6 +214,9 @@ def _deviant_rows(out: xr.Dataset, n: int = 5) -> list[tuple[str, float]]:
 
 
 def _client():
+    """The active distributed client, or None (then dask's own schedulers run the work in this process)."""
+    if "distributed" not in sys.modules:  # never imported: no client, and no import cost for a small run
+        return None
     try:
         from distributed import get_client
 
@@ -240,6 +263,7 @@ def run(cfg: Config, *, show_progress: bool = True,
     """
     from . import butler
     from .camera import load_camera
+    from .cluster import needs_cluster
 
     inp, output = cfg.input, cfg.output
     if not output.store:
@@ -252,26 +276,31 @@ def run(cfg: Config, *, show_progress: bool = True,
                            lock_timeout=output.lock_timeout) as txn:
         camera = load_camera(inp.camera) if inp.camera else None
         selection = parse_selection(inp.select) if inp.select else None
-        fields = [selection[0]] if selection else []
+        inputs: dict[str, Any] = {"root": inp.root, "pattern": inp.pattern, "manifest": inp.manifest}
+        instrument = inp.instrument
         if inp.butler:
             files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument,
-                                       exposure_fields=fields)
-        else:
-            files = discover(inp.root, inp.pattern, inp.manifest, camera, columns=fields)
-        if selection:
-            found = len(files)
-            files = select_files(files, *selection, source=inp.butler or inp.manifest)
-            log.info("%s: kept %d of %d files", inp.select, len(files), found)
-        log.info("found %d files in %d filter(s)", len(files), files["physical_filter"].nunique())
-        filters = sorted(files["physical_filter"].unique())
-        if output.scales_yaml:
-            scales_yaml_paths(output.scales_yaml, filters)  # its rule, checked before any work
-        # The output repository is checked now, before any work; written to only once the store is committed.
-        outbox = butler.ScalesOutput.prepare(
-            output.butler, output.run, files.attrs.get("instrument") or inp.instrument, filters,
-            output.dataset_type) if output.butler else None
-        with cluster() if cluster is not None else contextlib.nullcontext():
-            summaries = _read_solve_write(cfg, files, camera, txn.staging, show_progress)
+                                       exposure_fields=[selection[0]] if selection else [])
+            inputs = {"files": files, "files_from": inp.butler}
+            instrument = files.attrs.get("instrument") or instrument
+        use_cluster = cluster is not None and needs_cluster(
+            cfg.cluster, lambda limit: count_inputs(**inputs, camera=camera, limit=limit))
+        with cluster() if use_cluster else contextlib.nullcontext():
+            # Listed by tasks (on the cluster when there is one); read later.
+            campaign = list_campaign(**inputs, camera=camera, on_error=inp.on_error, batch_size=inp.batch_size,
+                                     select=selection, max_file_bytes=inp.max_file_bytes)
+            if selection:
+                log.info("%s: kept %d of %d files", inp.select, sum(campaign.n_files.values()), campaign.n_listed)
+            log.info("found %d files in %d filter(s)", sum(campaign.n_files.values()), len(campaign.filters))
+            for problem in campaign.problems:
+                log.warning("%s: %s", problem["file"], problem["reason"])
+            if output.scales_yaml:
+                scales_yaml_paths(output.scales_yaml, campaign.filters)  # its rule, checked before any reading
+            # The output repository is checked now, before any reading; written to once the store is committed.
+            outbox = butler.ScalesOutput.prepare(output.butler, output.run, instrument, campaign.filters,
+                                                 output.dataset_type) if output.butler else None
+            summaries = _read_solve_write(cfg, campaign, txn.staging, show_progress)
+        log.info("committing %s", store_path)
     # Exported from the version this run committed, even if another run has committed since.
     committed = open_store(txn.version) if output.scales_yaml or outbox is not None else None
     scales_yaml = write_scales_yaml(committed, output.scales_yaml) if output.scales_yaml else []
@@ -288,69 +317,111 @@ def _outside_the_store(scales_yaml: str, store: Path) -> None:
         raise OutputPathError(f"{scales_yaml}: the scales YAML cannot be the store {store} or inside it")
 
 
-#: Cells per dask chunk when solving from the store: large enough that a pass over a campaign is a handful
-#: of tasks (each iteration is a round trip), small enough that a task's memory stays modest (~16 MB each).
+#: Cells per dask chunk when solving across the workers: large enough that a pass over a campaign is a
+#: handful of tasks (each iteration is a round trip), small enough that a task's memory stays modest (~16 MB).
 SOLVE_CHUNK_CELLS = 2_000_000
 
 
 def _solver_chunks(ds: xr.Dataset) -> xr.Dataset:
-    """Merge the store's per-read-task chunks along exposure into chunks of about SOLVE_CHUNK_CELLS cells."""
+    """Merge the per-read-task chunks along exposure into chunks of about SOLVE_CHUNK_CELLS cells."""
     stored = ds["background"].chunks[ds["background"].get_axis_num("exposure")][0]
     per_exposure = ds["background"].size // max(1, ds.sizes["exposure"])
     factor = max(1, SOLVE_CHUNK_CELLS // max(1, per_exposure * stored))
     return ds.chunk({"exposure": stored * factor})
 
 
-def _read_solve_write(cfg: Config, files, camera, staging: Path, show_progress: bool) -> list[FilterSummary]:
+def _filter_summary(name: str, out: xr.Dataset) -> FilterSummary:
+    """A filter's line of the report, from its :func:`scale_dataset`."""
+    return FilterSummary(
+        name=name, n_exposures=out.sizes["exposure"], n_detectors=out.sizes["detector"],
+        n_amps=out.sizes.get("amp", 0), iterations=out.attrs["iterations"], converged=out.attrs["converged"],
+        residual_scatter=out.attrs["residual_scatter"], n_problems=len(out.attrs["problems"]),
+        n_filled_rows=out.attrs["n_filled_rows"], n_empty_exposures=out.attrs["n_empty_exposures"],
+        n_clipped=out.attrs["n_clipped"], deviant_rows=_deviant_rows(out))
+
+
+def _solved(ds: xr.Dataset, name: str, solve: SolveConfig, attrs: dict[str, Any], *, persist: bool) -> xr.Dataset:
+    """Solve one filter and return its :func:`scale_dataset`, logging a fit that did not converge."""
+    try:
+        fit = solve_dataset(ds, solve.level, **_solver_options(solve), persist=persist)
+    except FitError as err:  # no numbers rather than wrong ones: the run fails and nothing is committed
+        raise FitError(f"physical_filter {name}: {err}") from None
+    if not fit.converged:
+        log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
+                    fit.max_change)
+    out = scale_dataset(ds, fit, solve.level, attrs=attrs)
+    return out.assign_attrs(exposures_left_out=exposures_left_out(out))
+
+
+def _solve_in_one_task(staging: str, name: str, solve: SolveConfig, attrs: dict[str, Any]) -> FilterSummary:
+    """Solve a filter with numpy from its group of the staging store, and write what the fit adds there -- one
+    task; only the report line goes back to the client."""
+    ds = xr.open_zarr(staging, group=name, consolidated=False, chunks=None)[list(SOLVER_VARIABLES)].load()
+    out = _solved(ds, name, solve, attrs, persist=False)
+    dask.compute(append_variables(staging, name, out.drop_vars([v for v in ds.data_vars if v in out])),
+                 scheduler="sync")
+    return _filter_summary(name, out)
+
+
+def _write_block(staging: str, level: str, name: str, block: xr.Dataset,
+                 region: dict[str, slice]) -> tuple[str, list[dict[str, Any]], np.ndarray]:
+    """Write a reading block's inputs into its filter's group of the staging store -- in the task that read
+    it; returns what the reading found: the filter, its problems and status counts."""
+    write_region(staging, name, level_inputs(block, level), region)
+    return name, problems(block), status_counts(block)
+
+
+def _read_solve_write(cfg: Config, campaign: Campaign, staging: Path, show_progress: bool) -> list[FilterSummary]:
     """Read, solve every filter, write the staging store's chunks; the store is committed by the caller.
 
-    The inputs go from the reading tasks straight into the staging store. The solver keeps them in the
-    workers' memory when they fit ``solve.persist_max_mb``, and otherwise iterates over them in the store:
-    worker memory is then bounded by the chunk size, not by the campaign's.
+    One task per block reads its files and writes them into the staging store, so that worker memory is
+    bounded by the block, not by the campaign, and the client receives only what went wrong.  A filter
+    within ``solve.one_task_max_mb`` is then solved by a single numpy task; a larger one across the workers,
+    its inputs held in their memory up to ``solve.persist_max_mb``, else read from the store at every pass.
     """
     inp, solve = cfg.input, cfg.solve
-    tree = read_campaign(files=files, on_error=inp.on_error, batch_size=inp.batch_size, camera=camera,
-                         max_file_bytes=inp.max_file_bytes)
-    nodes = group_datasets(tree)
     extra = {"camera": str(inp.camera)} if inp.camera else {}
-    inputs = {name: level_inputs(ds, solve.level).assign_attrs(physical_filter=name, **extra)
-              for name, ds in nodes.items()}
+    tree = campaign.tree()
+    inputs = {name: level_inputs(tree[name].to_dataset(), solve.level).assign_attrs(physical_filter=name, **extra)
+              for name in campaign.filters}
+    n_files = sum(campaign.n_files.values())
     root_attrs = {"config": cfg.to_dict(), "versions": _versions(),
                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "filters": list(nodes), "n_files": int(len(files))}
-    log.info("reading %d files into %s", len(files), cfg.output.store)
-    _on_cluster(write_groups(staging, inputs, root_attrs=root_attrs), show_progress, keep=False)
-    staged = {name: _solver_chunks(xr.open_zarr(staging, group=name, consolidated=False)) for name in nodes}
+                  "filters": campaign.filters, "n_files": n_files, "problems": campaign.problems}
+    # Laid out from the lazy inputs (metadata and coordinates only): the reading tasks write the chunks.
+    write_groups(staging, inputs, root_attrs=root_attrs)
+    size = {name: memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)
+            for name, ds in inputs.items()}
+    del tree, inputs
+    log.info("reading %d files into %s", n_files, cfg.output.store)
+    reports = _on_cluster(campaign.blocks(functools.partial(_write_block, str(staging), solve.level)),
+                          show_progress, keep=False)
+    campaign.release()  # the listing tasks' tables are no longer needed on the workers
+    found: dict[str, list] = {name: [] for name in campaign.filters}
+    counts = np.zeros(len(STATUS), dtype=np.int64)
+    for name, block_problems, block_counts in reports:
+        found[name] += block_problems
+        counts += block_counts
+    log.debug("checked the reading: %d problem(s)", sum(map(len, found.values())))
+    verify_amp_names(campaign.amp_names, campaign.amp_source, counts)
 
-    def solve_one(name: str) -> tuple[xr.Dataset, ScaleResult]:
-        ds = staged[name]
-        found = problems(nodes[name], ds["status"].values, inp.max_file_bytes)
-        held = memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)
-        try:
-            fit = solve_dataset(ds, solve.level, **_solver_options(solve),
-                                persist=held <= solve.persist_max_mb * 2**20)
-        except FitError as err:  # no numbers rather than wrong ones: the run fails and nothing is committed
-            raise FitError(f"physical_filter {name}: {err}") from None
-        if not fit.converged:
-            log.warning("%s: not converged after %d iterations (last change %.2e)", name, fit.iterations,
-                        fit.max_change)
-        out = scale_dataset(ds, fit, solve.level, attrs={"problems": found})
-        return out.assign_attrs(exposures_left_out=exposures_left_out(out)), fit
+    one_task = [name for name in campaign.filters if size[name] <= solve.one_task_max_mb * 2**20]
+    across = [name for name in campaign.filters if name not in one_task]
+    log.info("solving %s", ", ".join(campaign.filters))
 
-    log.info("solving %s", ", ".join(nodes))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-        solved = dict(zip(nodes, pool.map(solve_one, nodes)))
-    log.info("writing scales and diagnostics")
-    _on_cluster([append_variables(staging, name, out.drop_vars(list(inputs[name].data_vars)))
-                 for name, (out, _) in solved.items()], show_progress, keep=False)
-    summaries = []
-    for name in nodes:
-        out = xr.open_zarr(staging, group=name, consolidated=False)
-        summaries.append(FilterSummary(
-            name=name, n_exposures=out.sizes["exposure"], n_detectors=out.sizes["detector"],
-            n_amps=out.sizes.get("amp", 0), iterations=out.attrs["iterations"],
-            converged=out.attrs["converged"], residual_scatter=out.attrs["residual_scatter"],
-            n_problems=len(out.attrs["problems"]), n_filled_rows=out.attrs["n_filled_rows"],
-            n_empty_exposures=out.attrs["n_empty_exposures"], n_clipped=out.attrs["n_clipped"],
-            deviant_rows=_deviant_rows(out)))
-    return summaries
+    def solve_across(name: str) -> FilterSummary:
+        ds = xr.open_zarr(staging, group=name, consolidated=False)[list(SOLVER_VARIABLES)]
+        held = size[name] <= solve.persist_max_mb * 2**20
+        out = _solved(_solver_chunks(ds), name, solve, {"problems": found[name]}, persist=held)
+        _on_cluster([append_variables(staging, name, out.drop_vars([v for v in SOLVER_VARIABLES if v in out]))],
+                    show_progress, keep=False)
+        return _filter_summary(name, out)
+
+    tasks = [dask.delayed(_solve_in_one_task, pure=False)(str(staging), name, solve, {"problems": found[name]})
+             for name in one_task]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1 + len(across)) as pool:
+        small = pool.submit(_on_cluster, tasks, show_progress, keep=False) if tasks else None
+        large = dict(zip(across, pool.map(solve_across, across)))
+        summaries = dict(zip(one_task, small.result() if small is not None else []))
+    log.debug("solved and written")
+    return [summaries.get(name) or large[name] for name in campaign.filters]

@@ -227,7 +227,8 @@ def test_store_diagnostics_are_the_fit_s_own_bit_for_bit():
 
 def test_held_or_streamed_inputs_give_identical_stores(campaign, tmp_path, monkeypatch):
     """The workflow asks solver.memory_bytes whether a filter's inputs fit solve.persist_max_mb; held in
-    memory or re-read from the store at every pass, the numbers are the same."""
+    memory or re-read from the store at every pass, the numbers are the same (solved across the workers:
+    solve.one_task_max_mb 0)."""
     _, root = campaign
     asked = []
     real = workflow.memory_bytes
@@ -250,7 +251,7 @@ def test_held_or_streamed_inputs_give_identical_stores(campaign, tmp_path, monke
         stores[limit] = tmp_path / f"limit{limit}.zarr"
         cfg = load_config(None, {"input.root": str(root), "input.pattern": SIMPLE_PATTERN, "solve.level": "AMP",
                                  "output.store": str(stores[limit]), "solve.persist_max_mb": limit,
-                                 "solve.clip_sigma": 5.0})
+                                 "solve.clip_sigma": 5.0, "solve.one_task_max_mb": 0})
         workflow.run(cfg, show_progress=False)
     shape = (20, 16, 6)
     assert sorted(asked) == [(shape, {"clipping": True}, memory_bytes(shape, clipping=True))] * 4

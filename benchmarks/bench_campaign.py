@@ -160,7 +160,8 @@ def main() -> None:
             r = measure(work / "store.zarr", root=str(inputs), pattern=SIMPLE_PATTERN)
             ideal = n_files * r["per_file"] / WORKERS
             p = r["phases"]
-            print(f"{n_files:>8} {r['per_file'] * 1e6:>8.1f} {ideal:>8.2f} {r['wall']:>7.2f} {r['wall'] / ideal:>6.2f} | "
+            print(f"{n_files:>8} {r['per_file'] * 1e6:>8.1f} {ideal:>8.2f} {r['wall']:>7.2f} "
+                  f"{r['wall'] / ideal:>6.2f} | "
                   f"{p['discovery']:>7.2f} {p['graph']:>6.2f} {p['reading']:>7.2f} {p['solving']:>7.2f} "
                   f"{p['commit']:>6.2f} | {r['startup']:>7.2f} {r['client_peak_mb']:>9.0f} {r['worker_peak_mb']:>9.0f}",
                   flush=True)

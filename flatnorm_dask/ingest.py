@@ -284,7 +284,8 @@ def _dataset(outputs: Sequence[Any], detectors: np.ndarray, exposures: np.ndarra
             **{name: (amp_cell if per_amp else cell, packed[:, index, :])
                for name, per_amp, index in channels.variables()},
             "file": (cell, files, {"long_name": "file read for the cell ('' if none; duplicates joined by ' | ')"}),
-            "file_size": (cell, identity[0], {"long_name": "size in bytes of the file when it was read (-1 if unknown)"}),
+            "file_size": (cell, identity[0],
+                          {"long_name": "size in bytes of the file when it was read (-1 if unknown)"}),
             "file_mtime_ns": (cell, identity[1], {"long_name": "modification time (ns since the epoch) of the file "
                                                                "when it was read (-1 if unknown)"}),
             "reason": (cell, reasons, {"long_name": "why the cell was masked ('' if it was not)"}),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.local
 import numpy as np
 import xarray as xr
 
@@ -95,13 +96,12 @@ class RunSummary:
 
 
 def _versions() -> dict[str, str]:
-    import distributed
-    import pandas
-    import zarr
+    """The versions of what a run used, from the installed packages' metadata (importing distributed only
+    for its version would cost a small run a second)."""
+    from importlib.metadata import version
 
-    return {"flatnorm_dask": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "dask": dask.__version__, "distributed": distributed.__version__, "xarray": xr.__version__,
-            "zarr": zarr.__version__, "pandas": pandas.__version__}
+    return {"flatnorm_dask": __version__, "python": platform.python_version(),
+            **{name: version(name) for name in ("numpy", "dask", "distributed", "xarray", "zarr", "pandas")}}
 
 
 def _level_arrays(ds: xr.Dataset, level: str) -> tuple[xr.DataArray, xr.DataArray]:
@@ -225,6 +225,18 @@ def _client():
         return None
 
 
+def _in_this_process() -> contextlib.AbstractContextManager:
+    """The scheduler of a run without a cluster: the active client if there is one (a notebook's), else dask's
+    threads, given as the function itself: dask imports distributed (a second of a small run) to look for a
+    client whenever the scheduler is not a callable, and no client can exist when distributed was never
+    imported."""
+    if "distributed" in sys.modules:
+        return contextlib.nullcontext()
+    import dask.threaded
+
+    return dask.config.set(scheduler=dask.threaded.get)
+
+
 def _on_cluster(collections: list, show: bool, *, keep: bool) -> list:
     """Run collections on the active scheduler, with distributed's progress bar when there is a client.
 
@@ -271,40 +283,44 @@ def run(cfg: Config, *, show_progress: bool = True,
     store_path = Path(output.store)
     if output.scales_yaml:
         _outside_the_store(output.scales_yaml, store_path)
-    # Entered first, so that an existing store is refused before any work; committed at the block's end.
-    with store_transaction(store_path, overwrite=output.overwrite, keep_versions=output.keep_versions,
-                           lock_timeout=output.lock_timeout) as txn:
-        camera = load_camera(inp.camera) if inp.camera else None
-        selection = parse_selection(inp.select) if inp.select else None
-        inputs: dict[str, Any] = {"root": inp.root, "pattern": inp.pattern, "manifest": inp.manifest}
-        instrument = inp.instrument
-        if inp.butler:
-            files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument,
-                                       exposure_fields=[selection[0]] if selection else [])
-            inputs = {"files": files, "files_from": inp.butler}
-            instrument = files.attrs.get("instrument") or instrument
-        use_cluster = cluster is not None and needs_cluster(
-            cfg.cluster, lambda limit: count_inputs(**inputs, camera=camera, limit=limit))
-        with cluster() if use_cluster else contextlib.nullcontext():
-            # Listed by tasks (on the cluster when there is one); read later.
-            campaign = list_campaign(**inputs, camera=camera, on_error=inp.on_error, batch_size=inp.batch_size,
-                                     select=selection, max_file_bytes=inp.max_file_bytes)
-            if selection:
-                log.info("%s: kept %d of %d files", inp.select, sum(campaign.n_files.values()), campaign.n_listed)
-            log.info("found %d files in %d filter(s)", sum(campaign.n_files.values()), len(campaign.filters))
-            for problem in campaign.problems:
-                log.warning("%s: %s", problem["file"], problem["reason"])
-            if output.scales_yaml:
-                scales_yaml_paths(output.scales_yaml, campaign.filters)  # its rule, checked before any reading
-            # The output repository is checked now, before any reading; written to once the store is committed.
-            outbox = butler.ScalesOutput.prepare(output.butler, output.run, instrument, campaign.filters,
-                                                 output.dataset_type) if output.butler else None
-            summaries = _read_solve_write(cfg, campaign, txn.staging, show_progress)
-        log.info("committing %s", store_path)
-    # Exported from the version this run committed, even if another run has committed since.
-    committed = open_store(txn.version) if output.scales_yaml or outbox is not None else None
-    scales_yaml = write_scales_yaml(committed, output.scales_yaml) if output.scales_yaml else []
-    butler_datasets = outbox.put(committed) if outbox is not None else []
+    # A run without a cluster keeps its own scheduler to the end (the exports after the commit too).
+    with contextlib.ExitStack() as scheduler:
+        # Entered first, so that an existing store is refused before any work; committed at the block's end.
+        with store_transaction(store_path, overwrite=output.overwrite, keep_versions=output.keep_versions,
+                               lock_timeout=output.lock_timeout) as txn:
+            camera = load_camera(inp.camera) if inp.camera else None
+            selection = parse_selection(inp.select) if inp.select else None
+            inputs: dict[str, Any] = {"root": inp.root, "pattern": inp.pattern, "manifest": inp.manifest}
+            instrument = inp.instrument
+            if inp.butler:
+                files = butler.find_inputs(inp.butler, inp.collections, inp.dataset_type, inp.where, inp.instrument,
+                                           exposure_fields=[selection[0]] if selection else [])
+                inputs = {"files": files, "files_from": inp.butler}
+                instrument = files.attrs.get("instrument") or instrument
+            use_cluster = cluster is not None and needs_cluster(
+                cfg.cluster, lambda limit: count_inputs(**inputs, camera=camera, limit=limit))
+            if not use_cluster:
+                scheduler.enter_context(_in_this_process())
+            with cluster() if use_cluster else contextlib.nullcontext():
+                # Listed by tasks (on the cluster when there is one); read later.
+                campaign = list_campaign(**inputs, camera=camera, on_error=inp.on_error, batch_size=inp.batch_size,
+                                         select=selection, max_file_bytes=inp.max_file_bytes)
+                if selection:
+                    log.info("%s: kept %d of %d files", inp.select, sum(campaign.n_files.values()), campaign.n_listed)
+                log.info("found %d files in %d filter(s)", sum(campaign.n_files.values()), len(campaign.filters))
+                for problem in campaign.problems:
+                    log.warning("%s: %s", problem["file"], problem["reason"])
+                if output.scales_yaml:
+                    scales_yaml_paths(output.scales_yaml, campaign.filters)  # its rule, checked before any reading
+                # The output repository is checked now, before any reading; written to once the store is committed.
+                outbox = butler.ScalesOutput.prepare(output.butler, output.run, instrument, campaign.filters,
+                                                     output.dataset_type) if output.butler else None
+                summaries = _read_solve_write(cfg, campaign, txn.staging, show_progress)
+            log.info("committing %s", store_path)
+        # Exported from the version this run committed, even if another run has committed since.
+        committed = open_store(txn.version) if output.scales_yaml or outbox is not None else None
+        scales_yaml = write_scales_yaml(committed, output.scales_yaml) if output.scales_yaml else []
+        butler_datasets = outbox.put(committed) if outbox is not None else []
     return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml,
                       butler_datasets=butler_datasets)
 
@@ -358,8 +374,9 @@ def _solve_in_one_task(staging: str, name: str, solve: SolveConfig, attrs: dict[
     task; only the report line goes back to the client."""
     ds = xr.open_zarr(staging, group=name, consolidated=False, chunks=None)[list(SOLVER_VARIABLES)].load()
     out = _solved(ds, name, solve, attrs, persist=False)
+    # The writes, in this task (the synchronous scheduler given as itself: see _in_this_process).
     dask.compute(append_variables(staging, name, out.drop_vars([v for v in ds.data_vars if v in out])),
-                 scheduler="sync")
+                 scheduler=dask.local.get_sync)
     return _filter_summary(name, out)
 
 

@@ -224,11 +224,9 @@ def test_duplicates_raise_or_mask(campaign, tmp_path):
     dup["path"] = copy
     both = pd.concat([files, dup], ignore_index=True)
     name = dup["physical_filter"].iloc[0]
-    first = dup_of = files["path"].iloc[4]
-    if copy < dup_of:  # a cell's files are taken in path order
-        first, dup_of = copy, first
-    with pytest.raises(IngestError, match=f"^{re.escape(dup_of)}: duplicate of {re.escape(first)} "
-                                          rf"\(exposure {dup['exposure'].iloc[0]}, detector {dup['detector'].iloc[0]}\)$"):
+    first, dup_of = sorted([files["path"].iloc[4], copy])  # a cell's files are taken in path order
+    cell = f"exposure {dup['exposure'].iloc[0]}, detector {dup['detector'].iloc[0]}"
+    with pytest.raises(IngestError, match=f"^{re.escape(dup_of)}: duplicate of {re.escape(first)} \\({cell}\\)$"):
         read_campaign(files=both)[name].to_dataset()["status"].values
     ds = read_campaign(files=both, on_error="mask")[name].to_dataset()
     found = problems(ds)

@@ -1,4 +1,5 @@
-"""End to end: the ``flatnorm`` command on simulated LSST-format files, a real LocalCluster, a Zarr store."""
+"""End to end: the ``flatnorm`` command on simulated LSST-format files, in its own process or on a cluster, into
+a Zarr store."""
 
 import os
 import signal
@@ -21,9 +22,9 @@ from helpers import error_line  # noqa: E402
 FILTERS = ("g_6", "r_57")
 
 
-def flatnorm(*args, timeout=300):
-    """The installed command, in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "flatnorm_dask.cli", *map(str, args)], capture_output=True,
+def flatnorm(*args, timeout=300, python=()):
+    """The installed command, in a subprocess, as a user runs it (``python``: interpreter options)."""
+    return subprocess.run([sys.executable, *python, "-m", "flatnorm_dask.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -40,10 +41,60 @@ def amp_store(campaign, tmp_path_factory):
     _, root = campaign
     store = tmp_path_factory.mktemp("out") / "scales.zarr"
     scales = store.parent / "scales"  # a directory: one PHYSICAL_FILTER.yaml per filter
+    # -X importtime lists on stderr every module the command imports.
     result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level", "AMP",
-                      "--workers", 2, "--scales-yaml", scales, "--no-progress", "--batch-size", 50)
+                      "--workers", 2, "--scales-yaml", scales, "--no-progress", "--batch-size", 50,
+                      python=("-X", "importtime"))
     assert result.returncode == 0, result.stderr
     return store, scales, result
+
+
+def test_a_small_run_works_in_its_own_process(amp_store):
+    """241 files below the root, far fewer than cluster.local_min_files: the command says it works in its own
+    process, and never imports distributed (nor starts a cluster)."""
+    _, _, result = amp_store
+    assert "241 input files, fewer than cluster.local_min_files (100000): working in this process" in result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "dask.array" in imported and "distributed" not in imported
+
+
+def test_local_min_files_decides_whether_a_cluster_is_started(campaign, tmp_path, dask_cluster, monkeypatch,
+                                                               caplog):
+    """At or above cluster.local_min_files the run starts its cluster (here: the session's, through a stand-in
+    for connect); below, it works in its own process; both give the same store."""
+    import contextlib
+    import logging
+
+    from distributed import Client
+
+    from flatnorm_dask import cli, cluster
+
+    _, root = campaign
+    started = []
+
+    @contextlib.contextmanager
+    def connect(config):
+        started.append(config.scheduler)
+        with Client(dask_cluster) as client:
+            yield client
+
+    monkeypatch.setattr(cluster, "connect", connect)
+    args = ["run", "--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--no-progress"]
+    with caplog.at_level(logging.INFO, logger="flatnorm_dask"):
+        assert cli.main([*args, "--output", str(tmp_path / "a.zarr"), "--local-min-files", "241"]) == 0
+        assert started == [None]
+        assert "at least 241 input files (cluster.local_min_files): starting a LocalCluster" in caplog.text
+        assert cli.main([*args, "--output", str(tmp_path / "b.zarr"), "--local-min-files", "242"]) == 0
+        assert started == [None]
+        assert "241 input files, fewer than cluster.local_min_files (242): working in this process" in caplog.text
+    for name in FILTERS:
+        a = xr.open_zarr(tmp_path / "a.zarr", group=name).load()
+        b = xr.open_zarr(tmp_path / "b.zarr", group=name).load()
+        xr.testing.assert_allclose(a.drop_attrs(), b.drop_attrs(), rtol=1e-12, atol=1e-12)
+    calls = []
+    assert cluster.needs_cluster(load_config(None, {"cluster.scheduler": "tcp://127.0.0.1:1"}).cluster, calls.append)
+    assert calls == []  # a running scheduler is used whatever the size: nothing counted
 
 
 
@@ -260,6 +311,17 @@ def test_held_or_streamed_inputs_give_identical_stores(campaign, tmp_path, monke
         held = xr.open_zarr(stores[1], group=name).load()
         streamed = xr.open_zarr(stores[0], group=name).load()
         xr.testing.assert_identical(held.drop_attrs(), streamed.drop_attrs())
+    # The same filters solved by one numpy task each (solve.one_task_max_mb, the default for this size).
+    cfg = load_config(None, {"input.root": str(root), "input.pattern": SIMPLE_PATTERN, "solve.level": "AMP",
+                             "output.store": str(tmp_path / "one.zarr"), "solve.clip_sigma": 5.0})
+    workflow.run(cfg, show_progress=False)
+    assert persisted[4:] == [False, False]
+    for name in FILTERS:
+        one = xr.open_zarr(tmp_path / "one.zarr", group=name).load()
+        across = xr.open_zarr(stores[1], group=name).load()
+        np.testing.assert_array_equal(one["used"].values, across["used"].values)
+        xr.testing.assert_allclose(one.drop_attrs(), across.drop_attrs(), rtol=1e-12, atol=1e-12)
+        assert one.attrs["n_clipped"] == across.attrs["n_clipped"]
 
 
 def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_path):

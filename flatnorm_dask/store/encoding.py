@@ -172,7 +172,8 @@ def write_region(staging: str | os.PathLike, name: str, ds: xr.Dataset, region: 
 
     values = {var_name: var.values.astype(_STRING_DTYPE) if var.dtype.kind in "OU" else var.values
               for var_name, var in ds.data_vars.items()}
-    where = {var_name: tuple(region.get(dim, slice(None)) for dim in var.dims) for var_name, var in ds.data_vars.items()}
+    where = {var_name: tuple(region.get(dim, slice(None)) for dim in var.dims)
+             for var_name, var in ds.data_vars.items()}
 
     async def write() -> None:
         # Through StagingStore: a block written after its run failed (and removed the staging) is refused.

@@ -1,18 +1,31 @@
-"""End to end: files -> Zarr store on a 2-worker LocalCluster, against the serial reference way, in one run.
+"""Small runs start fast: ``flatnorm run`` end to end against the serial butler-style way, and where a cluster pays.
 
 Usage::
 
-    python benchmarks/bench_workflow.py [--exposures 100] [--detectors 189] [--baseline-files 2000]
+    python benchmarks/bench_workflow.py [--exposures 100] [--sweep 100 300 600] [--baseline-files 2000] [--dir DIR]
 
 The campaign is 189 detectors x 16 amplifiers x N exposures, one LSST PropertyList file per (detector,
-exposure).  The baseline reads each file with ``yaml.safe_load`` (as the butler does) and solves with the
-reference's per-row ``np.average`` loop.  Reading every file the slow way takes minutes, so by default it reads
-``--baseline-files`` of them and scales the time per file (``--baseline-files 0``: all of them).
+exposure).  Printed, each measured in this run:
+
+1. The baseline: each file read with ``yaml.safe_load`` and the PropertyList constructor (as the butler reads
+   them), then the reference's per-row ``np.average`` loop.  Reading every file that way takes minutes, so
+   it reads ``--baseline-files`` of them and scales the time per file (``0``: all of them).
+2. ``flatnorm run`` as a user runs it, in a fresh process: wall time from start to exit (interpreter start,
+   imports, listing, reading, solving, writing, commit), with the default policy (a run this small works in
+   its own process), and the speed-up over the baseline (goal: at least 50x at 18,900 files).
+3. What the command imports: ``python -X importtime`` of ``flatnorm --help`` and of the run.
+4. The sweep that chose ``cluster.local_min_files``: for each size, the command in its own process against the
+   command starting a 2-worker LocalCluster (``--local-min-files 0``), both end to end.
+
+Files go under ``--dir`` (default ``/dev/shm`` when it exists) and are removed after.  Timings on a shared
+machine vary from run to run: compare the ratios, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +37,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_solver import loop_baseline  # noqa: E402
 
-from flatnorm_dask.config import load_config  # noqa: E402
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign  # noqa: E402
 
 
@@ -37,7 +49,7 @@ _PropertyListLoader.add_constructor(
 
 
 def baseline(paths: list[Path], sample: int) -> tuple[float, int]:
-    """Seconds for the serial slow way over ``paths`` (read + solve), and how many files were really read."""
+    """Seconds for the serial slow way over ``paths`` (reading only), and how many files were really read."""
     chosen = paths if not sample or sample >= len(paths) else paths[:: max(1, len(paths) // sample)][:sample]
     start = time.perf_counter()
     for path in chosen:
@@ -48,28 +60,48 @@ def baseline(paths: list[Path], sample: int) -> tuple[float, int]:
     return per_file * len(paths), len(chosen)
 
 
+def command(root: Path, store: Path, *extra: str, python: tuple[str, ...] = ()) -> tuple[float, str]:
+    """Wall time of ``flatnorm run`` in a fresh process, and its stderr."""
+    args = [sys.executable, *python, "-m", "flatnorm_dask.cli", "run", "--input", str(root), "--pattern",
+            SIMPLE_PATTERN, "--level", "AMP", "--output", str(store), "--overwrite", "--no-progress", *extra]
+    start = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"flatnorm run failed:\n{out.stderr[-3000:]}")
+    return wall, out.stderr
+
+
+def imports(stderr: str) -> tuple[float, list[tuple[float, str]]]:
+    """Total import time (s) from ``-X importtime`` output, and the slowest top-level imports."""
+    top = []
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cumulative, name = line.split("|")
+            if not name.startswith("  ") and cumulative.strip().isdigit():  # a top-level import
+                top.append((int(cumulative) / 1e6, name.strip()))
+    return sum(t for t, _ in top), sorted(top, reverse=True)[:6]
+
+
+def write(root: Path, n_exposures: int):
+    tree = simulate_campaign("lsstcam", n_detectors=189, n_exposures=n_exposures, filters=("r_57",), seed=0)
+    write_campaign(tree, root, layout="simple")
+    return tree, sorted(root.rglob("*.yaml"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exposures", type=int, default=100)
-    parser.add_argument("--detectors", type=int, default=189)
+    parser.add_argument("--sweep", type=int, nargs="*", default=[100, 300, 600],
+                        help="exposures of the campaigns run with and without a cluster (none: skip)")
     parser.add_argument("--baseline-files", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None)
     args = parser.parse_args()
 
-    import dask
-    from distributed import Client, LocalCluster
-
-    from flatnorm_dask.workflow import run
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        tree = simulate_campaign("lsstcam", n_detectors=args.detectors, n_exposures=args.exposures,
-                                 filters=("r_57",), seed=0)
-        start = time.perf_counter()
-        write_campaign(tree, tmp / "in", layout="simple")
-        paths = sorted((tmp / "in").rglob("*.yaml"))
-        print(f"campaign: {len(paths)} files written in {time.perf_counter() - start:.1f} s")
-
+    work = Path(tempfile.mkdtemp(prefix="flatnorm-bench-", dir=args.dir))
+    try:
+        tree, paths = write(work / "in", args.exposures)
+        print(f"campaign: {len(paths)} files (189 detectors x 16 amps x {args.exposures} exposures) under {work}")
         read_s, n_read = baseline(paths, args.baseline_files)
         ds = tree["r_57"].to_dataset()
         b = ds.amp_value.values.reshape(-1, ds.sizes["exposure"])
@@ -78,20 +110,33 @@ def main() -> None:
         loop_baseline(np.where(w > 0, b, np.nan), np.where(w > 0, w, 1.0))
         solve_s = time.perf_counter() - start
         base_s = read_s + solve_s
-        print(f"baseline (serial yaml.safe_load + per-row loop): {base_s:.1f} s "
-              f"(read {read_s:.1f} s{' extrapolated from ' + str(n_read) + ' files' if n_read < len(paths) else ''}, "
+        print(f"baseline (serial yaml.safe_load + per-row loop): {base_s:.1f} s (read {read_s:.1f} s"
+              f"{' extrapolated from ' + str(n_read) + ' files' if n_read < len(paths) else ''}, "
               f"solve {solve_s:.2f} s)")
 
-        cfg = load_config(None, {"input.root": str(tmp / "in"), "input.pattern": SIMPLE_PATTERN,
-                                 "solve.level": "AMP", "output.store": str(tmp / "out.zarr")})
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as cluster, \
-                Client(cluster), dask.config.set(cfg.dask_settings()):
-            start = time.perf_counter()
-            run(cfg, show_progress=False)
-            ours = time.perf_counter() - start
-        print(f"flatnorm-dask on a {args.workers}-worker LocalCluster (read + solve + write store): {ours:.1f} s "
-              f"= {len(paths) / ours:,.0f} files/s")
-        print(f"speed-up: {base_s / ours:.0f}x")
+        wall, stderr = command(work / "in", work / "out.zarr", python=("-X", "importtime"))
+        total, slowest = imports(stderr)
+        path = "in its own process" if "working in this process" in stderr else "on a LocalCluster"
+        print(f"flatnorm run end to end ({path}, imports included): {wall:.2f} s = {len(paths) / wall:,.0f} files/s"
+              f"  -> {base_s / wall:.0f}x the baseline (goal >= 50x)")
+        print(f"  of which imports {total:.2f} s; slowest: " + ", ".join(f"{n} {t:.2f}" for t, n in slowest))
+        light = subprocess.run([sys.executable, "-X", "importtime", "-m", "flatnorm_dask.cli", "--help"],
+                               capture_output=True, text=True, check=True)
+        print(f"  flatnorm --help imports {imports(light.stderr)[0]:.2f} s")
+        shutil.rmtree(work / "in")
+
+        if args.sweep:
+            print("\nIn its own process or on a fresh 2-worker LocalCluster (--local-min-files 0), end to end:")
+            print(f"{'files':>8} {'own process s':>14} {'LocalCluster s':>15} {'cluster / own':>14}")
+            for n in args.sweep:
+                _, sweep_paths = write(work / f"n{n}", n)
+                own, _ = command(work / f"n{n}", work / "own.zarr", "--local-min-files", str(10**9))
+                on_cluster, _ = command(work / f"n{n}", work / "cluster.zarr", "--local-min-files", "0",
+                                        "--workers", "2")
+                print(f"{len(sweep_paths):>8} {own:>14.2f} {on_cluster:>15.2f} {on_cluster / own:>14.2f}", flush=True)
+                shutil.rmtree(work / f"n{n}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

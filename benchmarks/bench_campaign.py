@@ -24,15 +24,15 @@ Timings on a shared machine vary from run to run: compare the ratios, measured i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fresh  # noqa: E402
 
 FILTERS = ("u_24", "g_6", "r_57", "i_39", "z_20")
 WORKERS = 2
@@ -114,14 +114,11 @@ def _child(spec: dict) -> dict:
 
 
 def measure(store: Path, **spec) -> dict:
-    spec = json.dumps({"store": str(store), "overrides": {}, **spec})
-    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark run failed:\n{out.stderr[-3000:]}")
+    result = fresh.measure(__file__, {"store": str(store), "overrides": {}, **spec})
     from flatnorm_dask.store import remove_store
 
     remove_store(store)  # the store is a link to its version: rmtree would leave the data
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def write_inputs(root: Path, n_exposures: int, filters: tuple[str, ...], seed: int) -> tuple[Path, int]:
@@ -137,16 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exposures", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--filter-exposures", type=int, default=100, help="exposures per filter in part 2 (0: skip)")
-    parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    fresh.add_arguments(parser)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+    if fresh.serve(args.child, _child):
         return
 
     from flatnorm_dask.simulate import SIMPLE_PATTERN
 
-    work = Path(tempfile.mkdtemp(prefix="flatnorm-bench-", dir=args.dir))
+    work = fresh.workdir(args.dir)
     try:
         print(f"files under {work}; {WORKERS}-worker LocalCluster, 1 thread each, fresh per run; level AMP; "
               "files found by a pattern scan")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fresh  # noqa: E402
 
 
 def _child(spec: dict) -> dict:
@@ -71,18 +71,16 @@ def write_manifest(path: Path, files: list[tuple[str, int]], rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 300_000, 1_000_000])
-    parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    fresh.add_arguments(parser)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+    if fresh.serve(args.child, _child):
         return
 
     from distributed import LocalCluster
 
     from flatnorm_dask.simulate import simulate_campaign, write_campaign
 
-    work = Path(tempfile.mkdtemp(prefix="flatnorm-bench-", dir=args.dir))
+    work = fresh.workdir(args.dir)
     try:
         tree = simulate_campaign("lsstcam", n_detectors=189, n_exposures=10, filters=("r_57",), seed=0)
         manifest = write_campaign(tree, work / "files", layout="simple")
@@ -90,8 +88,8 @@ def main() -> None:
             files = [(str(work / "files" / row["path"]), int(row["detector"])) for row in csv.DictReader(f)]
         print(f"manifests over {len(files)} real files under {work}; a 2-worker LocalCluster; the client measured "
               "in its own process with tracemalloc")
-        print(f"{'rows':>9} | {'tasks: peak MB':>14} {'B/file':>7} {'RSS MB':>7} | "
-              f"{'file table on client: peak MB':>30} {'B/file':>7}")
+        print(f"{'rows':>9} | {'tasks: peak MB':>14} {'B/file':>7} {'RSS+ MB':>7} | "
+              f"{'file table on client: peak MB':>30} {'B/file':>7} {'RSS+ MB':>7}")
         last: dict[str, tuple[int, int]] = {}  # the previous size's (files, peak), per way
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
                           silence_logs=logging.ERROR) as cluster:
@@ -100,12 +98,8 @@ def main() -> None:
                 write_manifest(path, files, rows)
                 out = {}
                 for way in ("tasks", "client"):
-                    spec = json.dumps({"scheduler": cluster.scheduler_address, "manifest": str(path), "way": way})
-                    run = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,
-                                         check=False)
-                    if run.returncode != 0:
-                        raise SystemExit(f"measurement failed:\n{run.stderr[-3000:]}")
-                    out[way] = json.loads(run.stdout.strip().splitlines()[-1])
+                    out[way] = fresh.measure(__file__, {"scheduler": cluster.scheduler_address, "manifest": str(path),
+                                                        "way": way})
                 slope = {}
                 for way, r in out.items():
                     n0, p0 = last.get(way, (0, None))
@@ -113,9 +107,10 @@ def main() -> None:
                     last[way] = (r["files"], r["peak"])
                 t, c = out["tasks"], out["client"]
                 print(f"{rows:>9} | {t['peak'] / 1e6:>14.1f} {slope['tasks']:>7.1f} {t['rss_growth'] / 1e6:>7.0f} | "
-                      f"{c['peak'] / 1e6:>30.1f} {slope['client']:>7.1f}", flush=True)
+                      f"{c['peak'] / 1e6:>30.1f} {slope['client']:>7.1f} {c['rss_growth'] / 1e6:>7.0f}", flush=True)
                 path.unlink()
-        print("B/file: growth of the peak per added file since the previous size")
+        print("B/file: growth of the tracemalloc peak per added file since the previous size; RSS+: growth of the "
+              "process's peak resident memory during the measurement (memory freed after the imports is reused first)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

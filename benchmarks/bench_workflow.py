@@ -27,7 +27,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fresh  # noqa: E402
 from bench_solver import loop_baseline  # noqa: E402
 
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign  # noqa: E402
@@ -95,10 +95,10 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, nargs="*", default=[100, 300, 600],
                         help="exposures of the campaigns run with and without a cluster (none: skip)")
     parser.add_argument("--baseline-files", type=int, default=2000)
-    parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    parser.add_argument("--dir", default=fresh.DEFAULT_DIR)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="flatnorm-bench-", dir=args.dir))
+    work = fresh.workdir(args.dir)
     try:
         tree, paths = write(work / "in", args.exposures)
         print(f"campaign: {len(paths)} files (189 detectors x 16 amps x {args.exposures} exposures) under {work}")

@@ -11,7 +11,10 @@ files x the serial per-file read cost (one ``StatsReader`` over a sample of the 
 the ratio of the two (goal: at most 2 at 189,000 files).  It also prints where the run's time goes, from
 its log: listing the files (discovery), building the reading graph, reading them (with writing the inputs
 into the store, which overlaps), checking what was read, solving (with writing the scales and diagnostics)
-and the commit; and the cluster's start-up, which is not part of the run.
+and the commit; and the cluster's start-up, which is not part of the run.  The CPU columns are the run's CPU
+seconds (workers and client, which hosts the scheduler) and their ratio to files x the serial CPU cost per
+file: the cost of the machinery whatever else the machine runs (on a shared machine the wall-time ratio also
+counts the cores other processes take).
 
 Part 2 runs five filters of M exposures each in one invocation, against the same five filters run one
 after the other (each on its own fresh cluster, as five separate commands would), and prints the ratio.
@@ -70,17 +73,24 @@ def _phases(marks: _Marks, start: float, end: float) -> dict[str, float]:
     return out
 
 
-def _serial_cost(spec: dict) -> float:
-    """Seconds per file read one after another by one reader, on a sample of the campaign's files."""
+def _serial_cost(spec: dict) -> tuple[float, float]:
+    """Seconds per file, wall and CPU, read one after another by one reader, on about SAMPLE of the campaign's
+    files (whole exposure directories spread over the campaign: no list of every file is made)."""
     from flatnorm_dask.formats import StatsReader
 
-    paths = sorted(Path(spec["root"]).rglob("*.yaml"))
-    sample = paths[:: max(1, len(paths) // SAMPLE)][:SAMPLE]
+    exposures = sorted(Path(spec["root"], "r_57").iterdir())
+    take = exposures[:: max(1, len(exposures) * 189 // SAMPLE)]
+    sample = [path for directory in take for path in sorted(directory.iterdir())][:SAMPLE]
     reader = StatsReader()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for path in sample:
         reader.read(path)
-    return (time.perf_counter() - start) / len(sample)
+    return (time.perf_counter() - wall) / len(sample), (time.process_time() - cpu) / len(sample)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _child(spec: dict) -> dict:
@@ -90,7 +100,7 @@ def _child(spec: dict) -> dict:
     from flatnorm_dask.config import load_config
     from flatnorm_dask.workflow import run
 
-    per_file = _serial_cost(spec) if spec.get("root") else None
+    per_file, cpu_per_file = _serial_cost(spec) if spec.get("root") else (None, None)
     marks = _Marks()
     for name in ("flatnorm_dask.ingest", "flatnorm_dask.workflow"):
         logging.getLogger(name).addHandler(marks)
@@ -103,12 +113,14 @@ def _child(spec: dict) -> dict:
                  else {"input.manifest": spec["manifest"]})
         cfg = load_config(None, {**where, "output.store": spec["store"], "solve.level": "AMP",
                                  "output.overwrite": True, **spec["overrides"]})
+        cpu0 = sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
         t0 = time.perf_counter()
         summary = run(cfg, show_progress=False)
         t1 = time.perf_counter()
+        cpu = sum(client.run(_cpu_seconds).values()) + _cpu_seconds() - cpu0
         workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return {"wall": t1 - t0, "startup": startup, "filters": len(summary.filters), "per_file": per_file,
-            "phases": _phases(marks, t0, t1),
+            "cpu_per_file": cpu_per_file, "cpu": cpu, "phases": _phases(marks, t0, t1),
             "client_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_mb": max(workers.values()) / 1024}
 
@@ -148,7 +160,8 @@ def main() -> None:
         print("\nPart 1: one filter, 189 detectors x 16 amps x N exposures.  ideal = files x serial read cost per "
               f"file / {WORKERS} workers; ratio = run / ideal (goal <= 2 at 189,000 files)")
         print(f"{'files':>8} {'us/file':>8} {'ideal s':>8} {'run s':>7} {'ratio':>6} | {'listing':>7} {'graph':>6} "
-              f"{'reading':>7} {'solving':>7} {'commit':>6} | {'start s':>7} {'client MB':>9} {'worker MB':>9}")
+              f"{'reading':>7} {'solving':>7} {'commit':>6} | {'CPU s':>6} {'CPU ratio':>9} | {'start s':>7} "
+              f"{'client MB':>9} {'worker MB':>9}")
         for n in args.exposures:
             inputs = work / f"n{n}"
             _, n_files = write_inputs(inputs, n, ("r_57",), seed=n)
@@ -158,8 +171,8 @@ def main() -> None:
             print(f"{n_files:>8} {r['per_file'] * 1e6:>8.1f} {ideal:>8.2f} {r['wall']:>7.2f} "
                   f"{r['wall'] / ideal:>6.2f} | "
                   f"{p['discovery']:>7.2f} {p['graph']:>6.2f} {p['reading']:>7.2f} {p['solving']:>7.2f} "
-                  f"{p['commit']:>6.2f} | {r['startup']:>7.2f} {r['client_peak_mb']:>9.0f} {r['worker_peak_mb']:>9.0f}",
-                  flush=True)
+                  f"{p['commit']:>6.2f} | {r['cpu']:>6.1f} {r['cpu'] / (n_files * r['cpu_per_file']):>9.2f} | "
+                  f"{r['startup']:>7.2f} {r['client_peak_mb']:>9.0f} {r['worker_peak_mb']:>9.0f}", flush=True)
             shutil.rmtree(inputs)
 
         m = args.filter_exposures

@@ -388,7 +388,7 @@ class ClusterConfig:
         "in its own process, without one.",
         "Starting a LocalCluster costs seconds (its worker processes start and import their libraries), while "
         "this process reads a file in about 75 us; n workers read n times faster, so the cluster wins back its "
-        "start-up only above about start-up / (75 us x (1 - 1/n)) files (benchmarks/bench_small_runs.py measures "
+        "start-up only above about start-up / (75 us x (1 - 1/n)) files (benchmarks/bench_workflow.py measures "
         "both ways).  Only for a LocalCluster (scheduler null or local): a running scheduler or a job queue is "
         "always used.  0 = always start the cluster.",
         minimum=0, metavar="N")

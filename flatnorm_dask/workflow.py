@@ -13,7 +13,7 @@ import functools
 import logging
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,16 +225,38 @@ def _client():
         return None
 
 
-def _in_this_process() -> contextlib.AbstractContextManager:
-    """The scheduler of a run without a cluster: the active client if there is one (a notebook's), else dask's
-    threads, given as the function itself: dask imports distributed (a second of a small run) to look for a
-    client whenever the scheduler is not a callable, and no client can exist when distributed was never
-    imported."""
+@contextlib.contextmanager
+def _in_this_process() -> Iterator[concurrent.futures.Executor | None]:
+    """The scheduler of a run without a cluster: the active client if there is one (a notebook's; yields
+    None), else dask's threads on a pool of this run's own (yielded), given as the function itself: dask
+    imports distributed (a second of a small run) to look for a client whenever the scheduler is not a
+    callable, and no client can exist when distributed was never imported."""
     if "distributed" in sys.modules:
-        return contextlib.nullcontext()
+        yield None
+        return
+    import dask.system
     import dask.threaded
 
-    return dask.config.set(scheduler=dask.threaded.get)
+    pool = dask.threaded.ContextAwareThreadPoolExecutor(dask.system.CPU_COUNT)
+    try:
+        with dask.config.set(scheduler=dask.threaded.get, pool=pool):
+            yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _tasks_finished_on_error(pool: concurrent.futures.Executor | None) -> Iterator[None]:
+    """On an error or an interruption, wait for the tasks already running in this process's pool before the
+    error goes on (to the store transaction, which removes the staging directory): a task still writing a
+    block would otherwise race the removal.  A cluster's workers need no wait: a write after the abort is
+    refused (:class:`flatnorm_dask.store.transaction.StagingStore`), and the cluster is closed."""
+    try:
+        yield
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
 
 
 def _on_cluster(collections: list, show: bool, *, keep: bool) -> list:
@@ -299,9 +321,8 @@ def run(cfg: Config, *, show_progress: bool = True,
                 instrument = files.attrs.get("instrument") or instrument
             use_cluster = cluster is not None and needs_cluster(
                 cfg.cluster, lambda limit: count_inputs(**inputs, camera=camera, limit=limit))
-            if not use_cluster:
-                scheduler.enter_context(_in_this_process())
-            with cluster() if use_cluster else contextlib.nullcontext():
+            pool = None if use_cluster else scheduler.enter_context(_in_this_process())
+            with cluster() if use_cluster else _tasks_finished_on_error(pool):
                 # Listed by tasks (on the cluster when there is one); read later.
                 campaign = list_campaign(**inputs, camera=camera, on_error=inp.on_error, batch_size=inp.batch_size,
                                          select=selection, max_file_bytes=inp.max_file_bytes)

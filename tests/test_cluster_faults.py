@@ -276,7 +276,7 @@ def test_a_memory_limit_too_small_for_a_worker_ends_the_run_naming_it(manifest, 
     """Below the floor (allowed here only): each worker is restarted by its nanny at once, for ever."""
     monkeypatch.setattr(cluster_module, "MIN_WORKER_MEMORY", 1)
     status, line, elapsed = run_cli(capsys, manifest, tmp_path, "--workers", 1, "--memory-limit", "30MiB",
-                                    "--worker-timeout", 3)
+                                    "--worker-timeout", 3, "--local-min-files", 0)  # a LocalCluster, however small
     assert status == 1
     assert line.startswith("flatnorm: error: no worker able to run tasks for 3 s (cluster.worker_timeout): ")
     assert line.endswith("; raise cluster.memory_limit (now 30MiB) or lower input.batch_size; --debug shows the "

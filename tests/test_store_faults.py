@@ -304,14 +304,16 @@ def stopped_cleanly(proc: subprocess.Popen, status: int, line: str, store: Path)
     assert not os.path.lexists(store) and not store.with_name(f".{store.name}.versions").exists()
 
 
-@pytest.mark.parametrize("sig, status, line", [(signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)"),
-                                               (signal.SIGTERM, 143, "flatnorm: terminated (SIGTERM)")],
-                         ids=["SIGINT", "SIGTERM"])
-def test_signal_to_the_whole_job_while_writing(campaign, tmp_path, sig, status, line):
+@pytest.mark.parametrize("sig, status, line, min_files", [
+    (signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)", 0),
+    (signal.SIGTERM, 143, "flatnorm: terminated (SIGTERM)", 0),
+    (signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)", 10**6)], ids=["SIGINT", "SIGTERM", "SIGINT-in-process"])
+def test_signal_to_the_whole_job_while_writing(campaign, tmp_path, sig, status, line, min_files):
     """Ctrl-C in a terminal, or a batch system's SIGTERM, reaches every process of the job, its own cluster's
-    workers too: one line, the status a shell expects, the staging directory removed."""
+    workers too (or, for a run too small for a cluster, the reading threads of its own process): one line,
+    the status a shell expects, the staging directory removed."""
     store = tmp_path / "s.zarr"
-    proc = start(run_args(campaign, store, "--workers", 1, "--batch-size", 10))
+    proc = start(run_args(campaign, store, "--workers", 1, "--batch-size", 10, "--local-min-files", min_files))
     # Once the reading tasks have written chunks of the inputs into the staging store:
     wait_for(".s.zarr.versions/*.partial-*/r_57/background/c/*", tmp_path, proc)
     os.killpg(proc.pid, sig)

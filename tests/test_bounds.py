@@ -110,6 +110,24 @@ def test_a_file_whose_size_says_nothing_is_read_only_to_the_limit():
     assert b"Name:" in read_bytes(status, 1 << 20)
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, 65536, 65537, 300_001])
+def test_files_are_read_whole_with_reads_sized_to_them(tmp_path, size, monkeypatch):
+    """Exact bytes whatever the size against the read sizes (the file's size + 1 first, then 64 KiB); no read
+    asks for more than the file's size + 1 or 64 KiB (a larger buffer is mapped and unmapped at every read in a
+    dask worker)."""
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    asked = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: asked.append(n) or real_read(fd, n))
+    assert read_bytes(path, MAX_FILE_BYTES) == data
+    assert asked[0] == size + 1 and max(asked[1:], default=0) <= 65536
+    if size:
+        with pytest.raises(RefusedFile, match=f"{size:,} bytes, larger than the limit of {size - 1:,} bytes"):
+            read_bytes(path, size - 1)
+
+
 # --- YAML aliases and long quoted strings ---------------------------------------------------------------
 
 def billion_laughs(levels=30):

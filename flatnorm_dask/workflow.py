@@ -28,7 +28,7 @@ from .config import Config, SolveConfig
 from .ingest import (
     STATUS,
     Campaign,
-    count_inputs,
+    input_source,
     list_campaign,
     problems,
     solver_inputs,
@@ -319,8 +319,9 @@ def run(cfg: Config, *, show_progress: bool = True,
                                            exposure_fields=[selection[0]] if selection else [])
                 inputs = {"files": files, "files_from": inp.butler}
                 instrument = files.attrs.get("instrument") or instrument
-            use_cluster = cluster is not None and needs_cluster(
-                cfg.cluster, lambda limit: count_inputs(**inputs, camera=camera, limit=limit))
+            # Which inputs, checked (a manifest found, a pattern compiled) before any cluster starts.
+            source = input_source(**inputs, camera=camera, select=selection)
+            use_cluster = cluster is not None and needs_cluster(cfg.cluster, source.count)
             pool = None if use_cluster else scheduler.enter_context(_in_this_process())
             with cluster() if use_cluster else _tasks_finished_on_error(pool):
                 # Listed by tasks (on the cluster when there is one); read later.

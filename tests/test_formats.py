@@ -989,7 +989,7 @@ def butler_items(draw):
     return [draw(butler_names), typ, value, draw(st.one_of(st.just(""), butler_texts))]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(butler_items(), min_size=1, max_size=12), st.sampled_from(["block", "flow"]), st.booleans())
 def test_every_shape_the_butler_writes_takes_the_fast_path(items, style, explicit_start):
     text = dump(items, style, explicit_start)

@@ -214,6 +214,21 @@ def test_unknown_config_key_is_one_line(tmp_path):
     assert "levle" in line and str(cfg) in line
 
 
+def test_inputs_are_checked_before_any_cluster_is_reached(tmp_path, capsys):
+    """A run that names no pattern (or a missing manifest) fails on that, not on the cluster it would join:
+    nothing listens at the scheduler address, and the error is still about the inputs."""
+    from flatnorm_dask.cli import main
+
+    dead = "tcp://127.0.0.1:9"  # the discard port: nothing answers there
+    cases = [(["--input", str(tmp_path)], "give exactly one of a pattern (with a root directory) or a manifest"),
+             (["--manifest", str(tmp_path / "missing.csv")],
+              f"{tmp_path / 'missing.csv'}: cannot read manifest: No such file or directory")]
+    for args, message in cases:
+        assert main(["run", *args, "--output", str(tmp_path / "s.zarr"), "--scheduler", dead, "--no-progress"]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"flatnorm: error: {message}"
+    assert not list(tmp_path.glob("*s.zarr*"))
+
+
 def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path, scheduler_address):
     tree = simulate_campaign("lsstcam", n_detectors=100, n_exposures=8, filters=("r_57",), seed=2)
     inputs = tmp_path / "inputs"
@@ -324,12 +339,10 @@ def test_held_or_streamed_inputs_give_identical_stores(campaign, tmp_path, monke
         assert one.attrs["n_clipped"] == across.attrs["n_clipped"]
 
 
-def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_path):
+def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_path, dask_cluster):
     """workflows/slurm.py on dask-jobqueue's local cluster class (the SLURM code path without SLURM), and
     workflows/existing_scheduler.py on a running scheduler: both give the numbers of the LocalCluster run."""
     pytest.importorskip("dask_jobqueue")
-    from distributed import LocalCluster
-
     _, root = campaign
     reference, _, _ = amp_store
     cfg = tmp_path / "jobqueue.yaml"
@@ -354,12 +367,12 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
     jq = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--kind", "jobqueue-local", str(cfg),
                          "--output", str(tmp_path / "jq.zarr"), *common], capture_output=True, text=True, timeout=300)
     assert jq.returncode == 0, jq.stderr
-    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster:
-        ex = subprocess.run([sys.executable, os.path.join(workflows, "existing_scheduler.py"),
-                             cluster.scheduler_address, "--output", str(tmp_path / "ex.zarr"), *common],
-                            capture_output=True, text=True, timeout=300)
-        assert ex.returncode == 0, ex.stderr
-        assert len(cluster.scheduler.workers) == 1  # left running for the next run
+    workers = set(dask_cluster.scheduler.workers)
+    ex = subprocess.run([sys.executable, os.path.join(workflows, "existing_scheduler.py"),
+                         dask_cluster.scheduler_address, "--output", str(tmp_path / "ex.zarr"), *common],
+                        capture_output=True, text=True, timeout=300)
+    assert ex.returncode == 0, ex.stderr
+    assert set(dask_cluster.scheduler.workers) == workers  # the same workers, left running for the next run
     for store in ("jq.zarr", "ex.zarr"):
         for name in FILTERS:
             a = xr.open_zarr(reference, group=name).load()

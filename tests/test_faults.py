@@ -130,6 +130,7 @@ def test_every_bad_input_masked_and_listed_by_the_cli(inputs, tmp_path):
     assert f"{len(expected)} problem(s)" in result.stdout
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_gives_the_same_numbers(tmp_path):
     from distributed import Client, LocalCluster
 

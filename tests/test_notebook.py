@@ -4,6 +4,7 @@ import base64
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from flatnorm_dask.cli import main
@@ -18,6 +19,7 @@ def test_committed_without_outputs():
 
 
 
+@pytest.mark.slow
 def test_notebook_executes_on_a_demo_store(tmp_path, monkeypatch):
     assert main(["--quiet", "demo", "--workdir", str(tmp_path), "--detectors", "18", "--exposures", "6",
                  "--filters", "i_39", "--workers", "1", "--no-progress"]) == 0

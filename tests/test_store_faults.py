@@ -308,6 +308,7 @@ def stopped_cleanly(proc: subprocess.Popen, status: int, line: str, store: Path)
     (signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)", 0),
     (signal.SIGTERM, 143, "flatnorm: terminated (SIGTERM)", 0),
     (signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)", 10**6)], ids=["SIGINT", "SIGTERM", "SIGINT-in-process"])
+@pytest.mark.slow
 def test_signal_to_the_whole_job_while_writing(campaign, tmp_path, sig, status, line, min_files):
     """Ctrl-C in a terminal, or a batch system's SIGTERM, reaches every process of the job, its own cluster's
     workers too (or, for a run too small for a cluster, the reading threads of its own process): one line,
@@ -341,6 +342,7 @@ def test_signal_between_commit_steps(campaign, tmp_path, scheduler_address, sig,
 
 # ------------------------------------------------------------------------------------- concurrent commands
 
+@pytest.mark.slow
 def test_concurrent_commands_one_winner_and_an_overwrite(campaign, tmp_path, scheduler_address):
     """Three ``flatnorm run`` of the same output, all past their start-up check and paused with their stores
     sealed: released in turn, the first without --overwrite wins, the second loses with one line and leaves

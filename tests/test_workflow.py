@@ -166,6 +166,7 @@ def test_exported_yaml_reads_back(campaign, amp_store):
     assert {name: yaml.safe_load(open(again / f"{name}.yaml")) for name in FILTERS} == exported
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_path):
     _, root = campaign
     store, _, _ = amp_store
@@ -185,6 +186,7 @@ def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_pa
         xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
 
 
+@pytest.mark.slow
 def test_bad_input_fails_with_one_line_naming_the_file(campaign, tmp_path):
     _, root = campaign
     import shutil
@@ -229,6 +231,7 @@ def test_inputs_are_checked_before_any_cluster_is_reached(tmp_path, capsys):
     assert not list(tmp_path.glob("*s.zarr*"))
 
 
+@pytest.mark.slow
 def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path, scheduler_address):
     tree = simulate_campaign("lsstcam", n_detectors=100, n_exposures=8, filters=("r_57",), seed=2)
     inputs = tmp_path / "inputs"
@@ -339,6 +342,7 @@ def test_held_or_streamed_inputs_give_identical_stores(campaign, tmp_path, monke
         assert one.attrs["n_clipped"] == across.attrs["n_clipped"]
 
 
+@pytest.mark.slow
 def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_path, dask_cluster):
     """workflows/slurm.py on dask-jobqueue's local cluster class (the SLURM code path without SLURM), and
     workflows/existing_scheduler.py on a running scheduler: both give the numbers of the LocalCluster run."""

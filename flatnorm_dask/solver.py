@@ -217,6 +217,7 @@ def measure_scales(
     clip_sigma: float | None = None,
     clip_rounds: int = 5,
     persist: bool = True,
+    initial_g=None,
 ) -> ScaleResult:
     """Decompose flat statistics into exposure and row scales, ``B ~ E x G``.
 
@@ -247,6 +248,14 @@ def measure_scales(
         Dask input only: keep the log values and weights in the cluster's memory for the iterations
         (fastest), or recompute them from the input's own source (e.g. a Zarr store) at every pass, so that
         worker memory stays bounded by the chunk size whatever the campaign's size.
+    initial_g : array, row shape, optional
+        Warm start: row scales G to start the iterations from (e.g. those of an earlier fit of part of the
+        same data), instead of 1.  NaN (or a non-positive value) marks a row without a starting value (a new
+        detector, say), which starts at the geometric mean of the given ones.  E needs no starting value:
+        the first step computes it from G exactly, as every later step does.  For ``xarray`` input a
+        DataArray is aligned by its row coordinates (rows it lacks have no starting value).  The result is the
+        same fixed point as a cold start's; with ``tol`` it is reached in fewer iterations when the start is
+        close to it.
 
     Returns
     -------
@@ -289,7 +298,8 @@ def measure_scales(
         raise ValueError(f"tol must be positive, got {tol!r}")
     if hasattr(bgMatrix, "dims") and hasattr(bgMatrix, "coords"):
         return _measure_labelled(bgMatrix, bgCounts, iterations, tol=tol, max_iter=max_iter, exclude=exclude,
-                                 clip_sigma=clip_sigma, clip_rounds=clip_rounds, persist=persist)
+                                 clip_sigma=clip_sigma, clip_rounds=clip_rounds, persist=persist,
+                                 initial_g=initial_g)
 
     shape = bgMatrix.shape
     if len(shape) not in (2, 3):
@@ -300,9 +310,17 @@ def measure_scales(
     values, weights, skip = (_rows(a) if a is not None else None for a in (bgMatrix, bgCounts, exclude))
     if weights is None:
         weights = np.ones_like(values, dtype=float)
+    start = None
+    if initial_g is not None:
+        start = np.asarray(initial_g, dtype=np.float64)
+        if start.shape != tuple(shape[:-1]):
+            raise ValueError(f"initial_g shape {start.shape} differs from the row shape {tuple(shape[:-1])}")
+        start = _start_log_g(start.reshape(-1))
+        if not start[1].any():
+            start = None  # no starting value at all: the cold start
     try:
         fit = _solve(values, weights, skip, iterations, tol, max_iter, clip_sigma, clip_rounds,
-                     persist and _is_dask(values))
+                     persist and _is_dask(values), start)
     except FitError as err:
         if len(shape) == 3:
             raise err.named(lambda i: f"detector {i // shape[1]} amp {i % shape[1]}", "exposure {}".format) from None
@@ -310,6 +328,16 @@ def measure_scales(
     if len(shape) == 3:
         fit = _unflatten(fit, shape)
     return fit
+
+
+def _start_log_g(initial_g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log G to start from and the rows that have a starting value (positive and finite); the others start at
+    the mean log of the given ones (0, i.e. G = 1, when none is given)."""
+    known = np.isfinite(initial_g) & (initial_g > 0)
+    log_g = np.zeros(initial_g.shape)
+    log_g[known] = np.log(initial_g[known])
+    log_g[~known] = log_g[known].mean() if known.any() else 0.0
+    return log_g, known
 
 
 def _rows(a):
@@ -348,7 +376,8 @@ def _persisted(*arrays, keep: bool):
     return dask.persist(*arrays)
 
 
-def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip_rounds, persist) -> ScaleResult:
+def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip_rounds, persist,
+           start_log_g=None) -> ScaleResult:
     usable = usable_cells(values, weights)
     positive = np.where(usable, values, 1.0)
     in_fit = usable if exclude is None else usable & ~exclude.astype(bool)
@@ -364,7 +393,7 @@ def _solve(values, weights, exclude, iterations, tol, max_iter, clip_sigma, clip
     while True:
         # _HELD_PER_CELL_CLIPPING: each round's weights, clipped mask and (in _outliers) residual.
         w = w_all if rounds == 0 else _persisted(np.where(clipped, 0.0, w_all), keep=persist)[0]
-        fit = _fit(log_b, w, positive, usable, iterations, tol, max_iter)
+        fit = _fit(log_b, w, positive, usable, iterations, tol, max_iter, start_log_g)
         if clip_sigma is None or rounds == clip_rounds:
             break
         new = _outliers(fit, w_all, in_fit, clip_sigma, persist)
@@ -384,10 +413,11 @@ def _residual(positive, usable, model):
     return np.where(usable, np.log(positive / model), np.nan)
 
 
-def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
+def _fit(log_b, w, positive, usable, iterations, tol, max_iter, start_log_g=None) -> ScaleResult:
     """One alternating fit of log B = e + g on cells with weight w > 0 (log_b is 0 elsewhere).
 
-    ``positive`` (B, 1 where unusable) and ``usable`` give the residual, on every usable cell.
+    ``positive`` (B, 1 where unusable) and ``usable`` give the residual, on every usable cell.  The iterations
+    start from ``start_log_g`` (a warm start), else from G = 1.
     """
     with np.errstate(over="ignore"):  # (numpy) a weight too large to multiply is refused just below
         wl = w * log_b
@@ -409,8 +439,30 @@ def _fit(log_b, w, positive, usable, iterations, tol, max_iter) -> ScaleResult:
         def update_e(g_sum):
             return (col_wl - g_sum) / col_w
 
-        log_e = update_e(0.0)  # initial G = 1
-        log_g = np.zeros(row_w.shape)
+        if start_log_g is None:
+            log_e = update_e(0.0)  # initial G = 1
+            log_g = np.zeros(row_w.shape)
+        else:
+            # E from the rows with a starting value only, where an exposure has cells in them: a row without
+            # one (a new detector) would otherwise pull every E by its guessed G.
+            log_g, known = start_log_g
+            given = (known & live_rows).astype(np.float64)
+            g_known = np.where(given > 0, log_g, 0.0)
+            g_sum, known_w, known_wl, known_g_sum = (np.asarray(v, dtype=np.float64) for v in _compute(
+                _col_dot(w, np.where(live_rows, log_g, 0.0)), _col_dot(w, given), _col_dot(wl, given),
+                _col_dot(w, g_known)))
+            log_e = np.where(known_w > 0, (known_wl - known_g_sum) / np.where(known_w > 0, known_w, 1.0),
+                             update_e(g_sum))
+            guessed = ~known & live_rows
+            if guessed.any():  # their G from that E, so that the first change measured is the fit's own
+                (g_from_e,) = _compute((row_wl - _row_dot(w, np.where(empty, 0.0, log_e))) / row_w_safe)
+                log_g = np.where(guessed, np.asarray(g_from_e, dtype=np.float64), log_g)
+                (g_sum,) = _compute(_col_dot(w, np.where(live_rows, log_g, 0.0)))
+                log_e = update_e(np.asarray(g_sum, dtype=np.float64))  # and E from the whole start
+            # Normalised as each iteration normalises G (E moving the other way): the start of a fit with more
+            # data has another normalisation, a shift that the change measured need not count.
+            shift = np.log(np.sum(row_w * np.exp(log_g)) / np.sum(row_w))
+            log_g, log_e = log_g - shift, log_e + shift
         history: list[float] = []
         limit = max_iter if tol is not None else iterations
         for _ in range(limit):
@@ -594,8 +646,17 @@ def _measure_labelled(da_in, counts, iterations, **kwargs) -> ScaleResult:
             return None
         return x.transpose(*order).data if isinstance(x, xr.DataArray) else x
 
+    initial_g = kwargs.pop("initial_g")
+    if isinstance(initial_g, xr.DataArray):
+        # Aligned by label: rows the input has and the start lacks get NaN (no starting value).
+        missing = [d for d in row_dims if d not in initial_g.dims]
+        if missing or set(initial_g.dims) - set(row_dims):
+            raise ValueError(f"initial_g dims {initial_g.dims} differ from the row dims {row_dims}")
+        initial_g = initial_g.transpose(*row_dims).reindex(
+            {d: values[d] for d in row_dims if d in values.coords and d in initial_g.coords}).values
     try:
-        fit = measure_scales(values.data, raw(counts), iterations, exclude=raw(kwargs.pop("exclude")), **kwargs)
+        fit = measure_scales(values.data, raw(counts), iterations, exclude=raw(kwargs.pop("exclude")),
+                             initial_g=initial_g, **kwargs)
     except FitError as err:
         raise err.named(*_label_names(values, row_dims, exp_dim)) from None
     row_coords = {d: values[d] for d in row_dims if d in values.coords}

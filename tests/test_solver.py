@@ -436,3 +436,82 @@ def test_recovers_known_scales_within_noise(seed, noise):
     # Each G averages 20 cells, each E 50: allow 6 sigma of the mean plus the normalisation's own error.
     np.testing.assert_allclose(fit.vectorG, g_true, rtol=6 * noise / np.sqrt(20) + 2 * noise / np.sqrt(50))
     np.testing.assert_allclose(fit.vectorE, e_true, rtol=6 * noise / np.sqrt(50) + 2 * noise / np.sqrt(20))
+
+
+# ---- warm start ---------------------------------------------------------------------------------------
+
+
+def _grown(seed=31, n_rows=60, n_old=40, n_new=5, noise=0.02):
+    """A campaign and the G of a converged fit of its first ``n_old`` exposures (what a store holds)."""
+    b, w, *_ = simulate(n_rows=n_rows, n_exp=n_old + n_new, noise=noise, seed=seed)
+    old = measure_scales(b[:, :n_old], w[:, :n_old], tol=1e-12)
+    return b, w, old.vectorG
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+def test_warm_start_converges_in_fewer_iterations_to_the_same_scales(lazy):
+    b, w, g_old = _grown()
+    if lazy:
+        b, w = da.from_array(b, chunks=(20, 15)), da.from_array(w, chunks=(20, 15))
+    cold = measure_scales(b, w, tol=1e-10)
+    warm = measure_scales(b, w, tol=1e-10, initial_g=g_old)
+    assert cold.converged and warm.converged
+    assert warm.iterations < cold.iterations
+    # Same fixed point: both stop within a few tolerances of it.
+    np.testing.assert_allclose(warm.vectorG, cold.vectorG, rtol=1e-8, atol=0)
+    np.testing.assert_allclose(warm.vectorE, cold.vectorE, rtol=1e-8, atol=0)
+    assert warm.residual_scatter == pytest.approx(cold.residual_scatter, rel=1e-8)
+
+
+def test_warm_start_from_the_fixed_point_stays_there():
+    b, w, *_ = simulate(n_rows=30, n_exp=20, noise=0.01, seed=32)
+    fit = measure_scales(b, w, tol=1e-13)
+    again = measure_scales(b, w, tol=1e-10, initial_g=fit.vectorG)
+    assert again.iterations == 1
+    np.testing.assert_allclose(again.vectorG, fit.vectorG, rtol=1e-12)
+    np.testing.assert_allclose(again.vectorE, fit.vectorE, rtol=1e-12)
+
+
+def test_warm_start_with_rows_without_a_starting_value():
+    """New detectors, with data in the new exposures only and no starting G, reach the cold start's answer."""
+    b, w, *_ = simulate(n_rows=48, n_exp=63, noise=0.02, seed=33)
+    new = [3, 17]
+    b[new, :60] = np.nan
+    old = measure_scales(np.delete(b[:, :60], new, 0), np.delete(w[:, :60], new, 0), tol=1e-12)
+    start = np.full(48, np.nan)
+    start[np.setdiff1d(np.arange(48), new)] = old.vectorG
+    start[5] = 0.0  # not positive: no starting value either
+    cold = measure_scales(b, w, tol=1e-10)
+    warm = measure_scales(b, w, tol=1e-10, initial_g=start)
+    assert warm.iterations < cold.iterations
+    np.testing.assert_allclose(warm.vectorG, cold.vectorG, rtol=1e-9)
+    np.testing.assert_allclose(warm.vectorE, cold.vectorE, rtol=1e-9)
+    # No starting value at all: the cold start itself, bit for bit.
+    none = measure_scales(b, w, tol=1e-10, initial_g=np.full(48, np.nan))
+    np.testing.assert_array_equal(none.vectorG, cold.vectorG)
+    assert none.iterations == cold.iterations
+
+
+def test_warm_start_of_labelled_input_is_aligned_by_coordinates():
+    b, w, g_old = _grown(seed=34, n_rows=4 * 3)
+    coords = {"detector": [10, 11, 12, 13], "amp": ["C0", "C1", "C2"], "exposure": np.arange(b.shape[1])}
+    values = xr.DataArray(b.reshape(4, 3, -1), dims=("detector", "amp", "exposure"), coords=coords)
+    counts = xr.DataArray(w.reshape(4, 3, -1), dims=("detector", "amp", "exposure"), coords=coords)
+    # The start knows detectors 13, 12, 11 (in another order, amps first) but not 10: a new detector.
+    start = xr.DataArray(g_old.reshape(4, 3), dims=("detector", "amp"),
+                         coords={"detector": coords["detector"], "amp": coords["amp"]})
+    start = start.sel(detector=[13, 12, 11]).transpose("amp", "detector")
+    expected = g_old.reshape(4, 3).copy()
+    expected[0] = np.nan
+    warm = measure_scales(values, counts, tol=1e-10, initial_g=start)
+    raw = measure_scales(b.reshape(4, 3, -1), w.reshape(4, 3, -1), tol=1e-10, initial_g=expected)
+    np.testing.assert_array_equal(warm.vectorG.values, raw.vectorG)
+    assert warm.iterations == raw.iterations
+
+
+def test_warm_start_of_the_wrong_shape_is_an_error():
+    b, w, *_ = simulate(n_rows=10, n_exp=6, seed=35)
+    with pytest.raises(ValueError, match=r"initial_g shape \(9,\) differs from the row shape \(10,\)"):
+        measure_scales(b, w, initial_g=np.ones(9))
+    with pytest.raises(ValueError, match=r"initial_g shape \(10,\) differs from the row shape \(2, 5\)"):
+        measure_scales(b.reshape(2, 5, 6), w.reshape(2, 5, 6), initial_g=np.ones(10))

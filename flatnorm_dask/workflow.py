@@ -38,9 +38,11 @@ from .ingest import (
 from .schema import parse_selection
 from .solver import FitError, ScaleResult, measure_scales, memory_bytes
 from .store import (
+    HISTORY_ATTR,
     OutputPathError,
     append_variables,
     exposures_left_out,
+    history_entry,
     open_store,
     scales_yaml_paths,
     store_transaction,
@@ -426,7 +428,9 @@ def _read_solve_write(cfg: Config, campaign: Campaign, staging: Path, show_progr
     n_files = sum(campaign.n_files.values())
     root_attrs = {"config": cfg.to_dict(), "versions": _versions(),
                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "filters": campaign.filters, "n_files": n_files, "problems": campaign.problems}
+                  "filters": campaign.filters, "n_files": n_files, "problems": campaign.problems,
+                  HISTORY_ATTR: [history_entry("run", cfg.to_dict(), {"read": n_files, "added": n_files},
+                                               campaign.filters)]}
     # Laid out from the lazy inputs (metadata and coordinates only): the reading tasks write the chunks.
     write_groups(staging, inputs, root_attrs=root_attrs)
     size = {name: memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)

@@ -16,7 +16,14 @@ from flatnorm_dask import measure_scales, scales_dict, workflow
 from flatnorm_dask.config import load_config
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
 from flatnorm_dask.solver import memory_bytes
-from flatnorm_dask.store import IncompleteStoreError, StoreError, is_complete, open_store
+from flatnorm_dask.store import (
+    IncompleteStoreError,
+    StoreError,
+    current_version,
+    is_complete,
+    open_store,
+    store_history,
+)
 from helpers import error_line  # noqa: E402
 
 FILTERS = ("g_6", "r_57")
@@ -142,6 +149,14 @@ def test_store_provenance_and_info(amp_store):
     assert info.returncode == 0, info.stderr
     for word in ("g_6", "r_57", "AMP"):
         assert word in info.stdout
+    # Its history: one run, which read every file, in the version the store's pointer names.
+    [entry] = store_history(store)
+    n_files = 2 * 20 * 6
+    assert entry["kind"] == "run" and entry["files"]["read"] == entry["files"]["added"] == n_files
+    assert entry["filters"] == list(FILTERS) and entry["config"] == tree.attrs["config"]
+    assert entry["version"] == current_version(store).id
+    assert f"run: {n_files} file(s) read ({n_files} added); filters g_6, r_57; version {entry['version']}" \
+        in info.stdout
 
 
 def test_exported_yaml_reads_back(campaign, amp_store):

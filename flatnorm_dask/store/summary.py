@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .history import history_lines, recorded_history
 from .read import group_datasets, open_store, resolve_store, stored_config, verify_store
 from .transaction import COMMIT_ATTR, StoreError
 
@@ -78,6 +79,10 @@ def store_summary(path: str | os.PathLike, max_problems: int = 5) -> str:
     else:
         if cfg is not None:
             lines.append(_config_line(cfg))
+    history = recorded_history(attrs, version.id)
+    if history:
+        lines.append(f"  history: {len(history)} run(s) and append(s)")
+        lines += history_lines(history)
     groups = group_datasets(tree)
     lines.append(f"  {len(groups)} group(s): {', '.join(groups)}")
     for name, ds in groups.items():

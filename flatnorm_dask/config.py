@@ -291,13 +291,25 @@ class OutputConfig:
     """What a run writes."""
 
     store: str | None = _option(
-        None, "path", "Zarr store to write (a directory, e.g. scales.zarr); required to run.",
+        None, "path", "Zarr store to write (a directory, e.g. scales.zarr); required to run, unless output.append "
+        "names the store to append to.",
         "One group per physical_filter.",
         nullable=True, flag="--output", metavar="STORE.zarr")
     overwrite: bool = _option(
         False, "bool", "Replace an existing store.",
         "The new store is written beside it and swapped in only once complete; something that is not a "
         "flatnorm store is never replaced.")
+    append: str | None = _option(
+        None, "path", "Append to this existing store instead of writing a new one: read only the input files it "
+        "does not hold yet, and solve again, warm-started from its scales.",
+        "The inputs are found as any run finds them.  A file is read when its (physical_filter, exposure, "
+        "detector) cell is new, when the store holds the cell from another path (the cell is replaced), or "
+        "when its size or modification time differs from what the store recorded when it read it; files the "
+        "store holds that are no longer among the inputs are reported and their cells kept.  The new version "
+        "is committed only if the store is still the version the append started from.  Exclusive with "
+        "output.store and output.overwrite: the store appended to is the output (a flag replaces the config "
+        "file's choice between them).  The solve level must be the store's.",
+        nullable=True, metavar="STORE.zarr")
     keep_versions: int = _option(
         1, "int", "Previous versions of the store kept when a run replaces it.",
         "A reader that opened the store (flatnorm_dask.open_store, e.g. in a notebook) keeps reading the version "
@@ -605,6 +617,8 @@ _BUTLER_KEYS = ("input.butler", "input.collections", "input.where")
 #: (set by an override, reset to its default unless also overridden): a flag replaces the file's choice.
 _FLAG_WINS = (("input.pattern", "input.manifest"), ("input.manifest", "input.pattern"),
               ("solve.iterations", "solve.tol"),
+              ("output.append", "output.store"), ("output.store", "output.append"),
+              ("output.append", "output.overwrite"),
               *(("input.butler", key) for key in _FILE_KEYS),
               *((key, other) for key in _FILE_KEYS for other in _BUTLER_KEYS))
 
@@ -620,6 +634,12 @@ def _check_exclusive(values: dict[str, dict[str, Any]], origin: dict[str, str]) 
         raise ConfigError(origin["input.manifest"], "input.manifest",
                           f"cannot be combined with input.pattern (set in {origin['input.pattern']}); "
                           f"give one way of finding the files")
+    out = values["output"]
+    if out.get("append") is not None:
+        for key in ("output.store", "output.overwrite"):
+            if _get(values, key):
+                raise ConfigError(origin[key], key, f"cannot be combined with output.append (set in "
+                                  f"{origin['output.append']}): an append writes to the store it appends to")
     if inp.get("butler") is not None:
         for key in _FILE_KEYS:
             if _get(values, key) is not None:

@@ -69,6 +69,7 @@ __all__ = [
     "compile_pattern",
     "count_inputs",
     "discover",
+    "file_identity",
     "list_campaign",
     "problems",
     "read_campaign",
@@ -190,9 +191,9 @@ class _BlockSpec:
     max_file_bytes: int
 
 
-def _identity(path: str) -> tuple[int, int]:
-    """(size, mtime_ns) of a local file before it is read, so that a later run can tell whether it changed;
-    (-1, -1) for a URI or a file that cannot be stat'ed."""
+def file_identity(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a local file before it is read, so that a later run can tell whether it changed
+    (:mod:`flatnorm_dask.incremental`); (-1, -1) for a URI or a file that cannot be stat'ed."""
     if "://" in path:
         return -1, -1
     try:
@@ -240,7 +241,7 @@ def _read_block(spec: _BlockSpec, *pieces: tuple[np.ndarray, ...]) -> tuple[np.n
     d_all, e_all = np.divmod(unique[single], n_exp)
     to_read = [str(p) for p in paths[first[single]]]
     files[d_all, e_all] = to_read
-    identity[:, d_all, e_all] = np.array([_identity(p) for p in to_read], dtype=np.int64).reshape(-1, 2).T
+    identity[:, d_all, e_all] = np.array([file_identity(p) for p in to_read], dtype=np.int64).reshape(-1, 2).T
 
     # Each file's numbers are collected, then put in place at once (one fancy assignment, not three a file).
     ok, dets, amps = [], [], []
@@ -454,11 +455,15 @@ def list_campaign(
     files_from: str = "file table",
     select: tuple[str, str] | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
+    restrict: Callable[[list[Any]], tuple[list[Any], int]] | None = None,
 ) -> Campaign:
     """List a campaign's files (by Dask tasks, on the active scheduler) and lay out their reading.
 
     The arguments are :func:`read_campaign`'s; nothing is read yet but a sample of files for their amplifier
-    names.  ``files_from`` names a file table in messages (a butler repository, say).
+    names.  ``files_from`` names a file table in messages (a butler repository, say).  ``restrict`` keeps
+    only some of the files listed: given the listing's partitions (Delayed :class:`FileTable` s, on the
+    workers), it returns the partitions to read and how many files were listed; when it keeps none of them,
+    the Campaign is empty (no filter) rather than an error (an append with nothing new to read).
     """
     import dask
 
@@ -469,11 +474,16 @@ def list_campaign(
     source = input_source(root, pattern, manifest, camera, files, files_from=files_from, select=select)
     parts = source.partitions(on_error)
     parts = list(dask.persist(*parts)) if parts else []
+    n_found = None
+    if restrict is not None:
+        parts, n_found = restrict(parts)
     summaries = list(dask.compute(*[dask.delayed(summarise, pure=False)(p, max_file_bytes) for p in parts]))
     log.debug("listed %d files in %d partitions", sum(n for s in summaries for n in s.n_files.values()), len(parts))
     listing = [p for s in summaries for p in s.problems]
     grids = _grids(summaries, batch_size)
     n_listed = sum(s.n_listed for s in summaries)
+    if not grids and n_found:
+        return Campaign([], (), "", on_error, max_file_bytes, listing, camera, n_listed, parts, summaries)
     if not grids and select and n_listed:
         seen = sorted({v for s in summaries for v in s.seen})
         shown = ", ".join(repr(v) for v in seen[:10]) + (f" and {len(seen) - 10} more" if len(seen) > 10 else "")

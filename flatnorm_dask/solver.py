@@ -652,7 +652,7 @@ def _measure_labelled(da_in, counts, iterations, **kwargs) -> ScaleResult:
         missing = [d for d in row_dims if d not in initial_g.dims]
         if missing or set(initial_g.dims) - set(row_dims):
             raise ValueError(f"initial_g dims {initial_g.dims} differ from the row dims {row_dims}")
-        initial_g = initial_g.transpose(*row_dims).reindex(
+        initial_g = initial_g.reset_coords(drop=True).transpose(*row_dims).reindex(
             {d: values[d] for d in row_dims if d in values.coords and d in initial_g.coords}).values
     try:
         fit = measure_scales(values.data, raw(counts), iterations, exclude=raw(kwargs.pop("exclude")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -25,9 +26,12 @@ import xarray as xr
 
 from . import __version__
 from .config import Config, SolveConfig
+from .incremental import NAMED_VANISHED, PartReport, held_files, merged_seen, split_part, vanished_files
 from .ingest import (
+    ABSENT,
     STATUS,
     Campaign,
+    IngestError,
     input_source,
     list_campaign,
     problems,
@@ -40,10 +44,15 @@ from .solver import FitError, ScaleResult, measure_scales, memory_bytes
 from .store import (
     HISTORY_ATTR,
     OutputPathError,
+    StoreVersion,
     append_variables,
+    continued_history,
+    current_version,
     exposures_left_out,
+    group_datasets,
     history_entry,
     open_store,
+    read_commit,
     scales_yaml_paths,
     store_transaction,
     write_groups,
@@ -53,7 +62,7 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FilterSummary", "RunSummary", "level_inputs", "run", "scale_dataset", "solve_dataset"]
+__all__ = ["AppendReport", "FilterSummary", "RunSummary", "level_inputs", "run", "scale_dataset", "solve_dataset"]
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,11 @@ class RunSummary:
     filters: list[FilterSummary]
     scales_yaml: list[Path] = field(default_factory=list)
     butler_datasets: list[str] = field(default_factory=list)
+    append: AppendReport | None = None
 
     def __str__(self) -> str:
-        lines = [f"store: {self.store}"] + [f"  {f}" for f in self.filters]
+        lines = [f"store: {self.store}"] + ([str(self.append)] if self.append else [])
+        lines += [f"  {f}" for f in self.filters]
         lines += [f"scales: {path}" for path in self.scales_yaml]
         lines += [f"butler: {line}" for line in self.butler_datasets]
         return "\n".join(lines)
@@ -302,16 +313,19 @@ def run(cfg: Config, *, show_progress: bool = True,
     from .cluster import needs_cluster
 
     inp, output = cfg.input, cfg.output
-    if not output.store:
-        raise ValueError("no output store given (output.store / --output)")
-    store_path = Path(output.store)
+    if not output.store and not output.append:
+        raise ValueError("no output store given (output.store / --output, or output.append / --append)")
+    store_path = Path(output.append or output.store)
     if output.scales_yaml:
         _outside_the_store(output.scales_yaml, store_path)
+    # An append builds on the version the store's pointer names now, and commits only if it still does.
+    appender = _Appender(current_version(store_path)) if output.append else None
     # A run without a cluster keeps its own scheduler to the end (the exports after the commit too).
     with contextlib.ExitStack() as scheduler:
         # Entered first, so that an existing store is refused before any work; committed at the block's end.
         with store_transaction(store_path, overwrite=output.overwrite, keep_versions=output.keep_versions,
-                               lock_timeout=output.lock_timeout) as txn:
+                               lock_timeout=output.lock_timeout,
+                               expect_version=appender.base.id if appender else None) as txn:
             camera = load_camera(inp.camera) if inp.camera else None
             selection = parse_selection(inp.select) if inp.select else None
             inputs: dict[str, Any] = {"root": inp.root, "pattern": inp.pattern, "manifest": inp.manifest}
@@ -328,25 +342,34 @@ def run(cfg: Config, *, show_progress: bool = True,
             with cluster() if use_cluster else _tasks_finished_on_error(pool):
                 # Listed by tasks (on the cluster when there is one); read later.
                 campaign = list_campaign(**inputs, camera=camera, on_error=inp.on_error, batch_size=inp.batch_size,
-                                         select=selection, max_file_bytes=inp.max_file_bytes)
+                                         select=selection, max_file_bytes=inp.max_file_bytes,
+                                         restrict=appender.restrict if appender else None)
                 if selection:
                     log.info("%s: kept %d of %d files", inp.select, sum(campaign.n_files.values()), campaign.n_listed)
                 log.info("found %d files in %d filter(s)", sum(campaign.n_files.values()), len(campaign.filters))
                 for problem in campaign.problems:
                     log.warning("%s: %s", problem["file"], problem["reason"])
+                # The filters the store will hold: an append's keeps those of the store it appends to.
+                filters = sorted({*campaign.filters, *(appender.groups if appender else ())})
                 if output.scales_yaml:
-                    scales_yaml_paths(output.scales_yaml, campaign.filters)  # its rule, checked before any reading
+                    scales_yaml_paths(output.scales_yaml, filters)  # its rule, checked before any reading
                 # The output repository is checked now, before any reading; written to once the store is committed.
-                outbox = butler.ScalesOutput.prepare(output.butler, output.run, instrument, campaign.filters,
+                outbox = butler.ScalesOutput.prepare(output.butler, output.run, instrument, filters,
                                                      output.dataset_type) if output.butler else None
-                summaries = _read_solve_write(cfg, campaign, txn.staging, show_progress)
+                if appender:
+                    summaries, appended = _append_read_solve_write(cfg, campaign, appender, txn.staging,
+                                                                   show_progress)
+                else:
+                    summaries, appended = _read_solve_write(cfg, campaign, txn.staging, show_progress), None
             log.info("committing %s", store_path)
         # Exported from the version this run committed, even if another run has committed since.
         committed = open_store(txn.version) if output.scales_yaml or outbox is not None else None
         scales_yaml = write_scales_yaml(committed, output.scales_yaml) if output.scales_yaml else []
         butler_datasets = outbox.put(committed) if outbox is not None else []
+    if appended is not None:
+        appended = dataclasses.replace(appended, version=txn.version.id)
     return RunSummary(store=store_path, filters=summaries, scales_yaml=scales_yaml,
-                      butler_datasets=butler_datasets)
+                      butler_datasets=butler_datasets, append=appended)
 
 
 def _outside_the_store(scales_yaml: str, store: Path) -> None:
@@ -380,10 +403,13 @@ def _filter_summary(name: str, out: xr.Dataset) -> FilterSummary:
         n_clipped=out.attrs["n_clipped"], deviant_rows=_deviant_rows(out))
 
 
-def _solved(ds: xr.Dataset, name: str, solve: SolveConfig, attrs: dict[str, Any], *, persist: bool) -> xr.Dataset:
-    """Solve one filter and return its :func:`scale_dataset`, logging a fit that did not converge."""
+def _solved(ds: xr.Dataset, name: str, solve: SolveConfig, attrs: dict[str, Any], *, persist: bool,
+            initial_g: xr.DataArray | None = None) -> xr.Dataset:
+    """Solve one filter and return its :func:`scale_dataset`, logging a fit that did not converge.
+
+    ``initial_g``: the row scales to start from (an append's, those of the store it appends to)."""
     try:
-        fit = solve_dataset(ds, solve.level, **_solver_options(solve), persist=persist)
+        fit = solve_dataset(ds, solve.level, **_solver_options(solve), persist=persist, initial_g=initial_g)
     except FitError as err:  # no numbers rather than wrong ones: the run fails and nothing is committed
         raise FitError(f"physical_filter {name}: {err}") from None
     if not fit.converged:
@@ -393,11 +419,12 @@ def _solved(ds: xr.Dataset, name: str, solve: SolveConfig, attrs: dict[str, Any]
     return out.assign_attrs(exposures_left_out=exposures_left_out(out))
 
 
-def _solve_in_one_task(staging: str, name: str, solve: SolveConfig, attrs: dict[str, Any]) -> FilterSummary:
+def _solve_in_one_task(staging: str, name: str, solve: SolveConfig, attrs: dict[str, Any],
+                       initial_g: xr.DataArray | None = None) -> FilterSummary:
     """Solve a filter with numpy from its group of the staging store, and write what the fit adds there -- one
     task; only the report line goes back to the client."""
     ds = xr.open_zarr(staging, group=name, consolidated=False, chunks=None)[list(SOLVER_VARIABLES)].load()
-    out = _solved(ds, name, solve, attrs, persist=False)
+    out = _solved(ds, name, solve, attrs, persist=False, initial_g=initial_g)
     # The writes, in this task (the synchronous scheduler given as itself: see _in_this_process).
     dask.compute(append_variables(staging, name, out.drop_vars([v for v in ds.data_vars if v in out])),
                  scheduler=dask.local.get_sync)
@@ -447,24 +474,172 @@ def _read_solve_write(cfg: Config, campaign: Campaign, staging: Path, show_progr
         counts += block_counts
     log.debug("checked the reading: %d problem(s)", sum(map(len, found.values())))
     verify_amp_names(campaign.amp_names, campaign.amp_source, counts)
+    attrs = {name: {"problems": found[name]} for name in campaign.filters}
+    return _solve_and_write(solve, staging, size, attrs, {}, show_progress)
 
-    one_task = [name for name in campaign.filters if size[name] <= solve.one_task_max_mb * 2**20]
-    across = [name for name in campaign.filters if name not in one_task]
-    log.info("solving %s", ", ".join(campaign.filters))
+
+def _solve_and_write(solve: SolveConfig, staging: Path, size: dict[str, int], attrs: dict[str, dict[str, Any]],
+                     initial: dict[str, xr.DataArray], show_progress: bool) -> list[FilterSummary]:
+    """Solve the filters whose inputs are in the staging store (named by ``size``: the solver's memory for each)
+    and write what each fit adds to its group, with its ``attrs``; warm-started from ``initial`` G where given.
+
+    A filter within ``solve.one_task_max_mb`` is solved by a single numpy task; a larger one across the
+    workers, its inputs held in their memory up to ``solve.persist_max_mb``, else read from the store at every
+    pass.
+    """
+    names = list(size)
+    one_task = [name for name in names if size[name] <= solve.one_task_max_mb * 2**20]
+    across = [name for name in names if name not in one_task]
+    log.info("solving %s", ", ".join(names))
 
     def solve_across(name: str) -> FilterSummary:
         ds = xr.open_zarr(staging, group=name, consolidated=False)[list(SOLVER_VARIABLES)]
         held = size[name] <= solve.persist_max_mb * 2**20
-        out = _solved(_solver_chunks(ds), name, solve, {"problems": found[name]}, persist=held)
+        out = _solved(_solver_chunks(ds), name, solve, attrs[name], persist=held, initial_g=initial.get(name))
         _on_cluster([append_variables(staging, name, out.drop_vars([v for v in SOLVER_VARIABLES if v in out]))],
                     show_progress, keep=False)
         return _filter_summary(name, out)
 
-    tasks = [dask.delayed(_solve_in_one_task, pure=False)(str(staging), name, solve, {"problems": found[name]})
+    tasks = [dask.delayed(_solve_in_one_task, pure=False)(str(staging), name, solve, attrs[name], initial.get(name))
              for name in one_task]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1 + len(across)) as pool:
         small = pool.submit(_on_cluster, tasks, show_progress, keep=False) if tasks else None
         large = dict(zip(across, pool.map(solve_across, across)))
         summaries = dict(zip(one_task, small.result() if small is not None else []))
     log.debug("solved and written")
-    return [summaries.get(name) or large[name] for name in campaign.filters]
+    return [summaries.get(name) or large[name] for name in names]
+
+
+# ------------------------------------------------------------------------------------------------ append
+
+#: What an append fills a cell with where neither the store nor the new reading has a file (as a reading
+#: task fills an absent cell).
+_ABSENT_FILL = {"background": np.nan, "weight": 0.0, "status": ABSENT, "reason": "", "file": "", "file_size": -1,
+                "file_mtime_ns": -1}
+
+
+@dataclass(frozen=True)
+class AppendReport:
+    """What an append did with the inputs, against the store version it started from (see
+    :mod:`flatnorm_dask.incremental`): counts as in a history entry (:data:`flatnorm_dask.store.FILE_COUNTS`),
+    the first vanished files, a few replaced paths (held, new), and the versions."""
+
+    based_on: str
+    files: dict[str, int]
+    vanished: list[dict[str, Any]] = field(default_factory=list)
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)
+    version: str | None = None
+
+    def __str__(self) -> str:
+        f = self.files
+        lines = [f"appended to version {self.based_on}: {f['read']} file(s) read ({f['added']} added, "
+                 f"{f['reread']} re-read as changed, {f['replaced']} replacing another path); {f['kept']} cell(s) "
+                 f"kept; filters solved again: {', '.join(self.filters) or 'none'}"
+                 + (f"; new version {self.version}" if self.version else "; store unchanged")]
+        lines += [f"  replaced: {old} -> {new}" for old, new in self.replaced]
+        if f["vanished"]:
+            lines.append(f"  {f['vanished']} file(s) vanished from the inputs; their cells are kept:")
+            lines += [f"    {v['file']} ({v['physical_filter']}, exposure {v['exposure']}, detector {v['detector']})"
+                      for v in self.vanished]
+            if f["vanished"] > len(self.vanished):
+                lines.append(f"    ... and {f['vanished'] - len(self.vanished)} more")
+        return "\n".join(lines)
+
+
+class _Appender:
+    """An append's view of the store it appends to: restricts the listing to the files to read (as
+    :func:`flatnorm_dask.ingest.list_campaign`'s ``restrict``), then reports what it found."""
+
+    def __init__(self, base: StoreVersion):
+        self.base = base
+        self.groups = list((read_commit(base.path) or {}).get("groups", []))
+        self.held: Any = None
+        self.reports: list[PartReport] = []
+
+    def restrict(self, parts: list[Any]) -> tuple[list[Any], int]:
+        from operator import getitem
+
+        # Read once, by a task; Dask ships it to the tasks that compare the partitions with it.
+        (self.held,) = dask.persist(dask.delayed(held_files, pure=False)(self.base))
+        split = dask.persist(*[dask.delayed(split_part, pure=False)(part, self.held) for part in parts])
+        self.reports = list(dask.compute(*[dask.delayed(getitem)(s, 1) for s in split]))
+        kept = list(dask.persist(*[dask.delayed(getitem)(s, 0) for s in split]))
+        return kept, sum(r.n_listed for r in self.reports)
+
+    def report(self, campaign: Campaign) -> AppendReport:
+        n_vanished, vanished, n_held = dask.compute(
+            dask.delayed(vanished_files, pure=False)(self.held, merged_seen(self.reports)))[0]
+        counts = {name: sum(getattr(r, name) for r in self.reports) for name in ("added", "reread", "replaced")}
+        files = {"read": sum(campaign.n_files.values()), **counts, "vanished": n_vanished,
+                 "kept": n_held - counts["reread"] - counts["replaced"]}
+        replaced = [pair for r in self.reports for pair in r.replaced_examples][:NAMED_VANISHED]
+        return AppendReport(self.base.id, files, vanished, replaced, campaign.filters)
+
+
+def _merged_inputs(old: xr.Dataset | None, new: xr.Dataset | None) -> xr.Dataset:
+    """A filter's inputs over the union of the store's grid and the new reading's: a cell the new reading
+    read comes from it, any other cell from the store (lazy)."""
+    if old is None or new is None:
+        return new if old is None else old
+    union = {dim: np.union1d(old[dim].values, new[dim].values) for dim in ("detector", "exposure")}
+    # The detector names (camera's) are coordinates: the union's are put back below, not filled with NaN.
+    named = {int(d): str(v) for ds in (old, new) if "detector_name" in ds.coords
+             for d, v in zip(ds["detector"].values, ds["detector_name"].values) if v}
+    old, new = (ds.drop_vars("detector_name", errors="ignore") for ds in (old, new))
+    fill = {name: value for name, value in _ABSENT_FILL.items() if name in new}
+    o, n = old.reindex(union, fill_value=fill), new.reindex(union, fill_value=fill)
+    take = n["status"] != ABSENT
+    out = xr.Dataset({name: xr.where(take, n[name], o[name]).transpose(*n[name].dims) for name in n.data_vars},
+                     attrs={**old.attrs, **new.attrs})
+    if named:
+        out.coords["detector_name"] = ("detector", np.array([named.get(int(d), "") for d in union["detector"]],
+                                                            dtype=object))
+    return out.assign_coords(amp=new["amp"])
+
+
+def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appender, staging: Path,
+                             show_progress: bool) -> tuple[list[FilterSummary], AppendReport]:
+    """An append's reading, solving and writing into the staging store: the store's cells and the newly read
+    files merged per filter, the filters with new reads solved again (warm-started from the store's G), the
+    others copied as they are; the store is committed by the caller."""
+    inp, solve = cfg.input, cfg.solve
+    base = group_datasets(open_store(appender.base))
+    for name, ds in base.items():
+        if ds.attrs.get("level") != solve.level:
+            raise ValueError(f"{appender.base.store}: group {name} was solved at level {ds.attrs.get('level')}, not "
+                             f"{solve.level}; an append solves at the store's level (--level)")
+    stored_amps = next((tuple(map(str, ds["amp"].values)) for ds in base.values() if "amp" in ds.coords), None)
+    if campaign.filters and stored_amps is not None and tuple(campaign.amp_names) != stored_amps:
+        raise IngestError(f"{appender.base.store}: the new files list amplifiers {list(campaign.amp_names)} "
+                          f"({campaign.amp_source}), the store {list(stored_amps)}")
+    report = appender.report(campaign)
+    extra = {"camera": str(inp.camera)} if inp.camera else {}
+    tree = campaign.tree() if campaign.filters else None
+    new = {name: level_inputs(tree[name].to_dataset(), solve.level).assign_attrs(physical_filter=name, **extra)
+           for name in campaign.filters}
+    names = sorted({*base, *new})
+    inputs = {name: _merged_inputs(base[name][[v for v in _ABSENT_FILL if v in base[name]]] if name in base else None,
+                                   new.get(name))
+              for name in names}
+    groups = {name: inputs[name] if name in new else base[name] for name in names}  # untouched: copied whole
+    attrs = dict(open_store(appender.base).attrs)
+    history = [*continued_history(attrs.get(HISTORY_ATTR) or [], appender.base.id),
+               history_entry("append", cfg.to_dict(), report.files, campaign.filters, based_on=appender.base.id,
+                             vanished=[v["file"] for v in report.vanished])]
+    root_attrs = {"config": cfg.to_dict(), "versions": _versions(), "created": attrs.get("created"),
+                  "appended": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "filters": names,
+                  "n_files": int(attrs.get("n_files", 0)) + report.files["added"],
+                  "problems": [*(attrs.get("problems") or []), *campaign.problems], HISTORY_ATTR: history}
+    log.info("reading %d files and copying the store's cells into %s", report.files["read"], appender.base.store)
+    _on_cluster(write_groups(staging, groups, root_attrs=root_attrs), show_progress, keep=False)
+    campaign.release()
+    size, solve_attrs = {}, {}
+    for name in new:
+        staged = xr.open_zarr(staging, group=name, consolidated=False)
+        size[name] = memory_bytes(staged["background"].shape, clipping=solve.clip_sigma is not None)
+        solve_attrs[name] = {"problems": problems(staged), "n_files": int((staged["file"] != "").sum())}
+    initial = {name: base[name]["det_scale"].load() for name in new if name in base}
+    solved = dict(zip(size, _solve_and_write(solve, staging, size, solve_attrs, initial, show_progress)))
+    summaries = [solved.get(name) or _filter_summary(name, base[name]) for name in names]
+    return summaries, report

@@ -29,7 +29,7 @@ FILE_COUNTS = ("read", "added", "reread", "replaced", "vanished", "kept")
 
 
 def history_entry(kind: str, config: Mapping[str, Any], files: Mapping[str, int], filters: Sequence[str], *,
-                  based_on: str | None = None) -> dict[str, Any]:
+                  based_on: str | None = None, vanished: Sequence[str] = ()) -> dict[str, Any]:
     """One entry of a store's history.
 
     Parameters
@@ -44,6 +44,8 @@ def history_entry(kind: str, config: Mapping[str, Any], files: Mapping[str, int]
         The physical filters whose groups the run or append changed.
     based_on : str, optional
         The version id an append started from.
+    vanished : sequence of str
+        Some of the files that vanished from the inputs (``files["vanished"]`` counts them all).
     """
     if kind not in ("run", "append"):
         raise ValueError(f"history entry kind must be run or append, got {kind!r}")
@@ -52,7 +54,7 @@ def history_entry(kind: str, config: Mapping[str, Any], files: Mapping[str, int]
         raise ValueError(f"unknown file count(s) {sorted(unknown)}; known: {', '.join(FILE_COUNTS)}")
     return {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind,
             "files": {name: int(files.get(name, 0)) for name in FILE_COUNTS}, "filters": list(filters),
-            "version": None, "based_on": based_on, "config": dict(config)}
+            "version": None, "based_on": based_on, "vanished_files": list(vanished), "config": dict(config)}
 
 
 def continued_history(history: Sequence[Mapping[str, Any]], based_on: str) -> list[dict[str, Any]]:
@@ -89,7 +91,9 @@ def history_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
         text = (f"    {entry.get('time', '?')} {entry.get('kind', '?')}: {files.get('read', '?')} file(s) read"
                 f"{' (' + ', '.join(detail) + ')' if detail else ''}")
         if files.get("vanished"):
-            text += f"; {files['vanished']} file(s) vanished from the inputs (their cells kept)"
+            named = entry.get("vanished_files") or []
+            text += (f"; {files['vanished']} file(s) vanished from the inputs (their cells kept)"
+                     + (f", e.g. {named[0]}" if named else ""))
         if files.get("kept"):
             text += f"; {files['kept']} cell(s) kept"
         filters = entry.get("filters") or []

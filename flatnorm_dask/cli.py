@@ -74,13 +74,22 @@ def _quieten(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if debug else logging.ERROR)
 
 
-def _connect(cfg):
+@contextlib.contextmanager
+def _connect(cfg) -> Iterator[Any]:
     """The run's cluster (:func:`flatnorm_dask.cluster.connect`), once the workflow decides it needs one:
     a small run never imports distributed."""
+    import dask
+
     from .cluster import connect
 
     _quieten(log.isEnabledFor(logging.DEBUG))
-    return connect(cfg.cluster)
+    # Set once distributed is imported: a key set under "distributed" before its import would take the whole
+    # section, defaults included, away again when the setting ends, should anything import it meanwhile
+    # (dask's rechunk does).  The worker processes of a cluster started here leave Ctrl-C to this process
+    # (see dask_setup).
+    preload = dask.config.get("distributed.worker.preload", default=None) or []
+    with dask.config.set({"distributed.worker.preload": [*preload, _WORKER_PRELOAD]}), connect(cfg.cluster) as client:
+        yield client
 
 
 def _execute(cfg, show_progress: bool):
@@ -89,10 +98,7 @@ def _execute(cfg, show_progress: bool):
     from .workflow import run
 
     with dask.config.set(cfg.dask_settings()):  # the user's dask keys (jobqueue.*, distributed.*) for the run
-        # The worker processes of a cluster started here leave Ctrl-C to this process (see dask_setup).
-        preload = dask.config.get("distributed.worker.preload", default=None) or []
-        with dask.config.set({"distributed.worker.preload": [*preload, _WORKER_PRELOAD]}):
-            return run(cfg, show_progress=show_progress, cluster=lambda: _connect(cfg))
+        return run(cfg, show_progress=show_progress, cluster=lambda: _connect(cfg))
 
 
 #: This module, as the worker preload of the clusters the command starts (its name even under ``python -m``).

@@ -33,3 +33,8 @@ def test_every_python_block_runs(capsys):
     example = next(ns for ns in namespaces if "comparison" in ns)
     flagged = example["flagged"]
     assert flagged[flagged].index.tolist() == [(4, "C13")] and len(flagged) == 9 * 16
+    # The append example: the second night's files only were read, and the store holds both nights.
+    example = next(ns for ns in namespaces if "history" in ns)
+    assert [(entry["kind"], entry["files"]["read"], entry["files"]["added"]) for entry in example["history"]] == [
+        ("run", 54, 54), ("append", 18, 18)]
+    assert example["summary"].append.files["kept"] == 54 and example["summary"].filters[0].n_exposures == 8

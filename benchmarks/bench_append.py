@@ -1,0 +1,96 @@
+"""An append of a few exposures to a large store against a full run over the same files, measured in one run.
+
+Usage::
+
+    python benchmarks/bench_append.py [--exposures 1000] [--new 10] [--workers 2] [--dir DIR]
+
+The campaign is LSSTCam-sized: 189 detectors x 16 amplifiers, one LSST PropertyList file per (detector,
+exposure), one physical filter.  Steps, each ``flatnorm run`` a fresh process joining the same 2-worker
+LocalCluster (``--scheduler``), so that the cluster's start-up counts in neither:
+
+1. a run over the first ``--exposures`` exposures writes the store;
+2. the files of ``--new`` more exposures are written; ``flatnorm run --append`` adds them (timed);
+3. ``flatnorm run`` over all the files writes a second store from nothing (timed): the full run the append
+   replaces.
+
+Printed: both wall times and their ratio, the iterations of each solve (``--tol``), and the largest relative
+difference between the two stores' scales.  Files go under ``--dir`` (default ``/dev/shm``) and are removed
+after.  Timings on a shared machine vary from run to run: compare the ratio, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fresh  # noqa: E402
+
+from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign  # noqa: E402
+from flatnorm_dask.store import open_store, store_history  # noqa: E402
+
+TOL = 1e-10
+
+
+def flatnorm(*args: str) -> float:
+    """Wall seconds of ``flatnorm ARGS`` in a fresh process (which must succeed)."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "flatnorm_dask.cli", *args], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"flatnorm {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exposures", type=int, default=1000, help="exposures in the store appended to")
+    parser.add_argument("--new", type=int, default=10, help="exposures appended")
+    parser.add_argument("--workers", type=int, default=2)
+    fresh.add_arguments(parser)
+    args = parser.parse_args()
+    from distributed import LocalCluster
+
+    work = fresh.workdir(args.dir)
+    try:
+        n, new = args.exposures, args.new
+        start = time.perf_counter()
+        tree = simulate_campaign("lsstcam", n_detectors=189, n_exposures=n + new, filters=("r_57",), seed=1)
+        ds = tree["r_57"].to_dataset()
+        root = work / "inputs"
+        write_campaign(xr.DataTree.from_dict({"r_57": ds.isel(exposure=slice(0, n))}), root, layout="simple")
+        print(f"wrote {189 * n:,} files of {n} exposures in {time.perf_counter() - start:.0f} s")
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster:
+            common = ["--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--tol", str(TOL),
+                      "--no-progress", "--scheduler", cluster.scheduler_address]
+            store, full = work / "appended.zarr", work / "full.zarr"
+            first = flatnorm("run", *common, "--output", str(store))
+            print(f"first run over {189 * n:,} files: {first:.1f} s")
+            write_campaign(xr.DataTree.from_dict({"r_57": ds.isel(exposure=slice(n, n + new))}), root,
+                           layout="simple")
+            t_append = flatnorm("run", *common, "--append", str(store))
+            t_full = flatnorm("run", *common, "--output", str(full))
+        a, f = open_store(store)["r_57"], open_store(full)["r_57"]
+        diff = max(float(np.nanmax(np.abs(a[v].values / f[v].values - 1))) for v in ("det_scale", "exp_scale"))
+        files = store_history(store)[-1]["files"]
+        print(f"\n{'':34} {'files read':>10} {'wall (s)':>9} {'iterations':>10}")
+        print(f"{'append ' + str(new) + ' to ' + str(n) + ' exposures':34} {files['read']:>10,} {t_append:>9.1f} "
+              f"{a.attrs['iterations']:>10}")
+        print(f"{'full run over ' + str(n + new) + ' exposures':34} {189 * (n + new):>10,} {t_full:>9.1f} "
+              f"{f.attrs['iterations']:>10}")
+        print(f"\nappend / full run: {t_append / t_full:.2f} ({t_full / t_append:.1f}x faster); largest relative "
+              f"difference of G and E between the two stores: {diff:.1e} (tol {TOL:g})")
+        print("(wall times of fresh processes on the same cluster; on a shared machine compare the ratio)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

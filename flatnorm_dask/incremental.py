@@ -14,6 +14,14 @@ by Dask), and only the files to read stay in it:
 
 The client receives only counts and the indices of the held cells that were listed (:class:`PartReport`):
 a held cell listed by no partition is a file that **vanished** from the inputs; its cells are kept.
+
+Merging (:func:`merge_block`): each block of a filter's merged grid (the union of the store's grid and the new
+reading's) is made by one task from the store's cells, read with orthogonal selections through the committed
+version's store, and the reading tasks' blocks that overlap it; the cells the new reading read win.  No task
+rechunks or reindexes a whole filter, and each chunk of the merged group is written by exactly one task.
+
+The store's record of a filter is held whole by the tasks that compare partitions with it: about 150 bytes a
+(detector, exposure) cell (its path, mostly).
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from .ingest import file_identity
+from .ingest import ABSENT, file_identity
 from .listing import FileTable
 
-__all__ = ["NAMED_VANISHED", "HeldFiles", "PartReport", "held_files", "merged_seen", "split_part", "vanished_files"]
+__all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergeSpec", "PartReport", "StoredGroup", "held_files",
+           "merge_block", "merged_seen", "split_part", "vanished_files"]
 
 #: Vanished files named in a run's summary and in the store's history (the counts are complete).
 NAMED_VANISHED = 20
@@ -115,10 +124,11 @@ def split_part(table: FileTable, held: HeldFiles) -> tuple[FileTable, PartReport
         held_path = np.where(inside, held.path[name][d, e], "")
         new = held_path == ""
         same = ~new & (held_path == table.path[rows])
+        at = np.flatnonzero(same)
+        now = np.array([file_identity(str(p)) for p in table.path[rows[at]]], dtype=np.int64).reshape(-1, 2)
         unchanged = np.zeros(len(rows), dtype=bool)
-        for k in np.flatnonzero(same):
-            size, mtime = file_identity(str(table.path[rows[k]]))
-            unchanged[k] = size >= 0 and (size, mtime) == (held.size[name][d[k], e[k]], held.mtime_ns[name][d[k], e[k]])
+        unchanged[at] = ((now[:, 0] >= 0) & (now[:, 0] == held.size[name][d[at], e[at]])
+                         & (now[:, 1] == held.mtime_ns[name][d[at], e[at]]))
         cell = d * len(held.exposures[name]) + e
         # A cell listed twice here is read whole: the duplicate is then found as a run would find it.
         cells, counts = np.unique(cell[inside], return_counts=True)
@@ -158,3 +168,105 @@ def merged_seen(reports: Sequence[PartReport]) -> dict[str, np.ndarray]:
     """The held cells listed by any partition, per filter."""
     names = {name for r in reports for name in r.seen}
     return {name: np.unique(np.concatenate([r.seen[name] for r in reports if name in r.seen])) for name in names}
+
+
+# ----------------------------------------------------------------------------------------------- merging
+
+#: What a cell holds where neither the store nor the new reading has a file (as a reading task fills an absent
+#: cell).
+ABSENT_FILL = {"background": np.nan, "weight": 0.0, "status": ABSENT, "reason": "", "file": "", "file_size": -1,
+               "file_mtime_ns": -1}
+
+
+@dataclass(frozen=True)
+class StoredGroup:
+    """A filter's group of the store version appended to, as a merging task reads it: the version's Zarr store
+    (:func:`flatnorm_dask.store.committed_store`, picklable) and the group's grid."""
+
+    store: Any
+    name: str
+    detectors: np.ndarray
+    exposures: np.ndarray
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One block of a filter's merged grid: its detectors and exposures, its region of the grid, and the layout
+    of its variables (name -> (dims, dtype), as the reading's)."""
+
+    name: str
+    detectors: np.ndarray
+    exposures: np.ndarray
+    amps: tuple[str, ...]
+    region: dict[str, slice]
+    variables: dict[str, tuple[tuple[str, ...], Any]]
+
+
+def _empty_block(spec: MergeSpec) -> dict[str, np.ndarray]:
+    sizes = {"detector": len(spec.detectors), "amp": len(spec.amps), "exposure": len(spec.exposures)}
+    return {name: np.full(tuple(sizes[d] for d in dims), ABSENT_FILL[name], dtype=dtype)
+            for name, (dims, dtype) in spec.variables.items()}
+
+
+def _ix(array: np.ndarray, dims: tuple[str, ...], detectors: np.ndarray, exposures: np.ndarray) -> tuple:
+    """The open mesh selecting some detectors and exposures (and every amplifier) of a variable."""
+    return np.ix_(*[detectors if dim == "detector" else exposures if dim == "exposure" else np.arange(n)
+                    for dim, n in zip(dims, array.shape)])
+
+
+def _place(block: dict[str, np.ndarray], spec: MergeSpec, source: dict[str, np.ndarray], detectors: np.ndarray,
+           exposures: np.ndarray, only: np.ndarray | None = None) -> None:
+    """Put ``source``'s cells (over ``detectors`` x ``exposures``) where they fall in the block; with ``only``
+    (a (detector, exposure) mask of the source), only those cells."""
+    d_src, d_in = _positions(spec.detectors, detectors)  # each block detector's index in the source
+    e_src, e_in = _positions(spec.exposures, exposures)
+    d_dst, e_dst = np.flatnonzero(d_in), np.flatnonzero(e_in)
+    if not d_dst.size or not e_dst.size:
+        return
+    d_src, e_src = d_src[d_dst], e_src[e_dst]
+    for name, (dims, _) in spec.variables.items():
+        values, target = source[name][_ix(source[name], dims, d_src, e_src)], block[name]
+        where = _ix(target, dims, d_dst, e_dst)
+        if only is not None:
+            keep = only[np.ix_(d_src, e_src)]
+            if "amp" in dims:
+                keep = np.expand_dims(keep, dims.index("amp"))
+            values = np.where(keep, values, target[where])
+        target[where] = values
+
+
+def _stored_block(old: StoredGroup, spec: MergeSpec) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
+    """The store's cells of the block's detectors and exposures (read with orthogonal selections), or None."""
+    import zarr
+
+    d_at, d_in = _positions(spec.detectors, old.detectors)
+    e_at, e_in = _positions(spec.exposures, old.exposures)
+    if not d_in.any() or not e_in.any():
+        return None
+    # The store's indices of the block's detectors and exposures that it holds.
+    d_old = np.searchsorted(old.detectors, spec.detectors[d_in])
+    e_old = np.searchsorted(old.exposures, spec.exposures[e_in])
+    group = zarr.open_group(old.store, path=old.name, mode="r")
+    out = {}
+    for name, (dims, _) in spec.variables.items():
+        selection = tuple(d_old if d == "detector" else e_old if d == "exposure" else slice(None) for d in dims)
+        out[name] = np.asarray(group[name].get_orthogonal_selection(selection))
+    return out, spec.detectors[d_in], spec.exposures[e_in]
+
+
+def merge_block(spec: MergeSpec, old: StoredGroup | None, *new: Any) -> Any:
+    """One block of a filter's merged grid -- a task: the store's cells, then over them the cells the new
+    reading read (``new``: the reading's blocks that overlap this one, as :func:`flatnorm_dask.workflow.
+    level_inputs` Datasets).  Returns the block as a numpy-backed Dataset."""
+    import xarray as xr
+
+    block = _empty_block(spec)
+    stored = _stored_block(old, spec) if old is not None else None
+    if stored is not None:
+        _place(block, spec, *stored)
+    for ds in new:
+        values = {name: np.asarray(ds[name].transpose(*dims).values) for name, (dims, _) in spec.variables.items()}
+        read = np.asarray(ds["status"].transpose("detector", "exposure").values) != ABSENT
+        _place(block, spec, values, ds["detector"].values, ds["exposure"].values, only=read)
+    return xr.Dataset({name: (dims, block[name]) for name, (dims, _) in spec.variables.items()},
+                      coords={"detector": spec.detectors, "amp": list(spec.amps), "exposure": spec.exposures})

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STATUS",
     "Campaign",
+    "Grid",
     "IngestError",
     "compile_pattern",
     "count_inputs",
@@ -89,7 +90,7 @@ _STRINGS = np.dtypes.StringDType()
 # ------------------------------------------------------------------------------------------------ layout
 
 @dataclass(frozen=True)
-class _Grid:
+class Grid:
     """One filter's (detector, exposure) grid, cut into blocks of about ``batch_size`` cells (one read task
     each): all the detectors of a block for a run of exposures, unless there are more detectors than that."""
 
@@ -121,9 +122,9 @@ def _chunk_sizes(n: int, size: int) -> tuple[int, ...]:
     return tuple(min(size, n - start) for start in range(0, n, size))
 
 
-def _grids(summaries: Sequence[PartSummary], batch_size: int) -> list[_Grid]:
+def _grids(summaries: Sequence[PartSummary], batch_size: int) -> list[Grid]:
     names = sorted({name for s in summaries for name in s.n_files})
-    return [_Grid(name,
+    return [Grid(name,
                   np.unique(np.concatenate([s.detectors[name] for s in summaries if name in s.detectors])),
                   np.unique(np.concatenate([s.exposures[name] for s in summaries if name in s.exposures])),
                   sum(s.n_files.get(name, 0) for s in summaries), batch_size)
@@ -154,7 +155,7 @@ def _expected_amp_names(summaries: Sequence[PartSummary], camera: Any) -> tuple[
 
 # ----------------------------------------------------------------------------------------------- the tasks
 
-def _route(table: FileTable, grids: dict[str, _Grid]) -> dict[tuple[str, int, int], tuple[np.ndarray, ...]]:
+def _route(table: FileTable, grids: dict[str, Grid]) -> dict[tuple[str, int, int], tuple[np.ndarray, ...]]:
     """A partition's rows by the block they fall in: (filter, block row, block column) -> (detector index and
     exposure index within the block, path) -- a task."""
     out = {}
@@ -316,7 +317,7 @@ class Campaign:
     The listing tasks' tables stay on the workers for as long as the Campaign (or a graph made of it) lives.
     """
 
-    grids: list[_Grid]
+    grids: list[Grid]
     amp_names: tuple[str, ...]
     amp_source: str
     on_error: str

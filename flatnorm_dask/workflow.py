@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import itertools
 import logging
 import platform
 import sys
@@ -26,11 +27,23 @@ import xarray as xr
 
 from . import __version__
 from .config import Config, SolveConfig
-from .incremental import NAMED_VANISHED, PartReport, held_files, merged_seen, split_part, vanished_files
+from .incremental import (
+    ABSENT_FILL,
+    NAMED_VANISHED,
+    MergeSpec,
+    PartReport,
+    StoredGroup,
+    held_files,
+    merge_block,
+    merged_seen,
+    split_part,
+    vanished_files,
+)
 from .ingest import (
     ABSENT,
     STATUS,
     Campaign,
+    Grid,
     IngestError,
     input_source,
     list_campaign,
@@ -46,6 +59,7 @@ from .store import (
     OutputPathError,
     StoreVersion,
     append_variables,
+    committed_store,
     continued_history,
     current_version,
     exposures_left_out,
@@ -295,7 +309,10 @@ def run(cfg: Config, *, show_progress: bool = True,
 
     Reads every file (the exposures ``input.select`` keeps), solves each physical_filter independently
     (concurrently), writes the Zarr store (commit marker last) and, when configured, the scales YAML files
-    and the butler's scales datasets.
+    and the butler's scales datasets.  With ``output.append``, reads only the files the store does not hold
+    (:mod:`flatnorm_dask.incremental`), merges them with its cells, solves the filters they touch again
+    (warm-started from the store's G) and commits a new version of it, only onto the version it started
+    from; the summary's ``append`` says what it read, replaced and found vanished.
 
     Parameters
     ----------
@@ -512,12 +529,6 @@ def _solve_and_write(solve: SolveConfig, staging: Path, size: dict[str, int], at
 
 # ------------------------------------------------------------------------------------------------ append
 
-#: What an append fills a cell with where neither the store nor the new reading has a file (as a reading
-#: task fills an absent cell).
-_ABSENT_FILL = {"background": np.nan, "weight": 0.0, "status": ABSENT, "reason": "", "file": "", "file_size": -1,
-                "file_mtime_ns": -1}
-
-
 @dataclass(frozen=True)
 class AppendReport:
     """What an append did with the inputs, against the store version it started from (see
@@ -577,25 +588,79 @@ class _Appender:
         return AppendReport(self.base.id, files, vanished, replaced, campaign.filters)
 
 
-def _merged_inputs(old: xr.Dataset | None, new: xr.Dataset | None) -> xr.Dataset:
-    """A filter's inputs over the union of the store's grid and the new reading's: a cell the new reading
-    read comes from it, any other cell from the store (lazy)."""
-    if old is None or new is None:
-        return new if old is None else old
-    union = {dim: np.union1d(old[dim].values, new[dim].values) for dim in ("detector", "exposure")}
-    # The detector names (camera's) are coordinates: the union's are put back below, not filled with NaN.
-    named = {int(d): str(v) for ds in (old, new) if "detector_name" in ds.coords
+#: (detector, exposure) cells per merging task of an append (and so per chunk of its merged groups): each task
+#: costs tens of milliseconds whatever its size, in copying and writing a block of a few MB a variable.
+MERGE_BLOCK_CELLS = 10_000
+
+
+def _merged_layout(name: str, old: xr.Dataset | None, new: xr.Dataset, batch_size: int) -> tuple[Grid, xr.Dataset]:
+    """The grid of a filter's merged inputs (the union of the store's and the new reading's) and its lazy
+    template, which :func:`flatnorm_dask.store.write_groups` lays out (metadata and coordinates only): the
+    merging tasks write the chunks, one block of about :data:`MERGE_BLOCK_CELLS` (or ``batch_size``) cells each."""
+    import dask.array as da
+
+    union = {dim: np.union1d(old[dim].values, new[dim].values) if old is not None else new[dim].values
+             for dim in ("detector", "exposure")}
+    grid = Grid(name, union["detector"], union["exposure"], 0, max(batch_size, MERGE_BLOCK_CELLS))
+    det_chunks, exp_chunks = grid.chunks
+    chunks = {"detector": det_chunks, "amp": (new.sizes["amp"],), "exposure": exp_chunks}
+    sizes = {"detector": len(union["detector"]), "amp": new.sizes["amp"], "exposure": len(union["exposure"])}
+    template = xr.Dataset(
+        {name: (var.dims, da.full(tuple(sizes[d] for d in var.dims), ABSENT_FILL[name], dtype=var.dtype,
+                                  chunks=tuple(chunks[d] for d in var.dims)), var.attrs)
+         for name, var in new.data_vars.items()},
+        coords={**union, "amp": new["amp"].values}, attrs=new.attrs)
+    # The camera's detector names, of the store's detectors and the new ones.
+    named = {int(d): str(v) for ds in (old, new) if ds is not None and "detector_name" in ds.coords
              for d, v in zip(ds["detector"].values, ds["detector_name"].values) if v}
-    old, new = (ds.drop_vars("detector_name", errors="ignore") for ds in (old, new))
-    fill = {name: value for name, value in _ABSENT_FILL.items() if name in new}
-    o, n = old.reindex(union, fill_value=fill), new.reindex(union, fill_value=fill)
-    take = n["status"] != ABSENT
-    out = xr.Dataset({name: xr.where(take, n[name], o[name]).transpose(*n[name].dims) for name in n.data_vars},
-                     attrs={**old.attrs, **new.attrs})
     if named:
-        out.coords["detector_name"] = ("detector", np.array([named.get(int(d), "") for d in union["detector"]],
-                                                            dtype=object))
-    return out.assign_coords(amp=new["amp"])
+        template.coords["detector_name"] = ("detector", np.array([named.get(int(d), "") for d in union["detector"]],
+                                                                 dtype=object))
+    return grid, template
+
+
+def _merge_and_write(staging: str, level: str, spec: MergeSpec, old: StoredGroup | None,
+                     *new: xr.Dataset) -> tuple[str, list[dict[str, Any]], np.ndarray]:
+    """Merge one block of a filter (:func:`flatnorm_dask.incremental.merge_block`) and write it into the staging
+    store -- a task; returns what the block holds that went wrong: the filter, its problems and status counts."""
+    block = merge_block(spec, old, *new)
+    write_region(staging, spec.name, block, spec.region)
+    return spec.name, problems(block), status_counts(block)
+
+
+def _level_block(level: str, name: str, block: xr.Dataset, region: dict[str, slice]) -> xr.Dataset:
+    """A reading block's :func:`level_inputs` -- in the task that read it, for the merging tasks."""
+    return level_inputs(block, level)
+
+
+def _merge_tasks(campaign: Campaign, level: str, staging: Path, layouts: dict[str, tuple[Grid, xr.Dataset]],
+                 old: dict[str, StoredGroup]) -> list[Any]:
+    """One task per block of each touched filter's merged grid, fed by the reading tasks whose blocks overlap it."""
+    read = iter(campaign.blocks(functools.partial(_level_block, level)))
+    blocks: dict[str, list[tuple[np.ndarray, np.ndarray, Any]]] = {}
+    for grid in campaign.grids:  # campaign.blocks' order: per filter, its blocks row by row
+        det_chunks, exp_chunks = grid.chunks
+        for i, j in itertools.product(range(len(det_chunks)), range(len(exp_chunks))):
+            d0, e0 = i * grid.det_chunk, j * grid.exp_chunk
+            blocks.setdefault(grid.name, []).append((grid.detectors[d0:d0 + det_chunks[i]],
+                                                     grid.exposures[e0:e0 + exp_chunks[j]], next(read)))
+    merge = dask.delayed(_merge_and_write, pure=False)
+    tasks = []
+    for name, (grid, template) in layouts.items():
+        variables = {v: (template[v].dims, template[v].dtype) for v in template.data_vars}
+        amps = tuple(map(str, template["amp"].values))
+        det_chunks, exp_chunks = grid.chunks
+        for i, j in itertools.product(range(len(det_chunks)), range(len(exp_chunks))):
+            d0, e0 = i * grid.det_chunk, j * grid.exp_chunk
+            d1, e1 = d0 + det_chunks[i], e0 + exp_chunks[j]
+            dets, exps = grid.detectors[d0:d1], grid.exposures[e0:e1]
+            # The reading's blocks whose id ranges overlap this block's (ids are sorted in both grids).
+            feeding = [task for d, e, task in blocks[name]
+                       if d[0] <= dets[-1] and d[-1] >= dets[0] and e[0] <= exps[-1] and e[-1] >= exps[0]]
+            spec = MergeSpec(name, dets, exps, amps, {"detector": slice(d0, d1), "exposure": slice(e0, e1)},
+                             variables)
+            tasks.append(merge(str(staging), level, spec, old.get(name), *feeding))
+    return tasks
 
 
 def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appender, staging: Path,
@@ -604,7 +669,8 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
     files merged per filter, the filters with new reads solved again (warm-started from the store's G), the
     others copied as they are; the store is committed by the caller."""
     inp, solve = cfg.input, cfg.solve
-    base = group_datasets(open_store(appender.base))
+    stored = open_store(appender.base)
+    base = group_datasets(stored)
     for name, ds in base.items():
         if ds.attrs.get("level") != solve.level:
             raise ValueError(f"{appender.base.store}: group {name} was solved at level {ds.attrs.get('level')}, not "
@@ -619,11 +685,9 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
     new = {name: level_inputs(tree[name].to_dataset(), solve.level).assign_attrs(physical_filter=name, **extra)
            for name in campaign.filters}
     names = sorted({*base, *new})
-    inputs = {name: _merged_inputs(base[name][[v for v in _ABSENT_FILL if v in base[name]]] if name in base else None,
-                                   new.get(name))
-              for name in names}
-    groups = {name: inputs[name] if name in new else base[name] for name in names}  # untouched: copied whole
-    attrs = dict(open_store(appender.base).attrs)
+    layouts = {name: _merged_layout(name, base.get(name), ds, inp.batch_size) for name, ds in new.items()}
+    groups = {name: layouts[name][1] if name in new else base[name] for name in names}  # untouched: copied whole
+    attrs = dict(stored.attrs)
     history = [*continued_history(attrs.get(HISTORY_ATTR) or [], appender.base.id),
                history_entry("append", cfg.to_dict(), report.files, campaign.filters, based_on=appender.base.id,
                              vanished=[v["file"] for v in report.vanished])]
@@ -631,14 +695,23 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
                   "appended": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "filters": names,
                   "n_files": int(attrs.get("n_files", 0)) + report.files["added"],
                   "problems": [*(attrs.get("problems") or []), *campaign.problems], HISTORY_ATTR: history}
+    writes = dict(zip(names, write_groups(staging, groups, root_attrs=root_attrs)))
+    held = {name: StoredGroup(committed_store(appender.base), name, base[name]["detector"].values,
+                              base[name]["exposure"].values) for name in new if name in base}
     log.info("reading %d files and copying the store's cells into %s", report.files["read"], appender.base.store)
-    _on_cluster(write_groups(staging, groups, root_attrs=root_attrs), show_progress, keep=False)
+    # The untouched filters' groups are copied as they are; the others merged block by block.
+    reports = _on_cluster([*(writes[name] for name in names if name not in new),
+                           *_merge_tasks(campaign, solve.level, staging, layouts, held)], show_progress, keep=False)
     campaign.release()
-    size, solve_attrs = {}, {}
-    for name in new:
-        staged = xr.open_zarr(staging, group=name, consolidated=False)
-        size[name] = memory_bytes(staged["background"].shape, clipping=solve.clip_sigma is not None)
-        solve_attrs[name] = {"problems": problems(staged), "n_files": int((staged["file"] != "").sum())}
+    found: dict[str, list] = {name: [] for name in new}
+    counts = {name: np.zeros(len(STATUS), dtype=np.int64) for name in new}
+    for name, block_problems, block_counts in (r for r in reports if isinstance(r, tuple)):
+        found[name] += block_problems
+        counts[name] += block_counts
+    size = {name: memory_bytes(layouts[name][1]["background"].shape, clipping=solve.clip_sigma is not None)
+            for name in new}
+    solve_attrs = {name: {"problems": found[name], "n_files": int(counts[name].sum() - counts[name][ABSENT])}
+                   for name in new}
     initial = {name: base[name]["det_scale"].load() for name in new if name in base}
     solved = dict(zip(size, _solve_and_write(solve, staging, size, solve_attrs, initial, show_progress)))
     summaries = [solved.get(name) or _filter_summary(name, base[name]) for name in names]

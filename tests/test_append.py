@@ -346,3 +346,37 @@ def test_history_entries():
         history_entry("merge", {}, {}, [])
     with pytest.raises(ValueError, match=r"unknown file count\(s\) \['copied'\]"):
         history_entry("run", {}, {"copied": 1}, [])
+
+
+def test_split_part_sorts_listed_files_against_the_store(tmp_path):
+    """The comparison a listing task makes, against an independent account of each row."""
+    from flatnorm_dask.incremental import HeldFiles, split_part, vanished_files
+    from flatnorm_dask.listing import FileTable, object_array
+
+    files = {name: tmp_path / f"{name}.yaml" for name in ("same", "touched", "moved_old", "moved_new", "dup_a",
+                                                          "dup_b", "new", "gone")}
+    for path in files.values():
+        path.write_text("x")
+    ident = {name: (os.stat(p).st_size, os.stat(p).st_mtime_ns) for name, p in files.items()}
+    # The store holds 2 detectors x 3 exposures of r_57: same, touched, moved_old, dup_a, gone, and no file.
+    grid = [["same", "touched", "moved_old"], ["dup_a", "gone", ""]]
+    path = np.array([[str(files[n]) if n else "" for n in row] for row in grid], dtype=object)
+    size = np.array([[ident[n][0] if n else -1 for n in row] for row in grid])
+    mtime = np.array([[ident[n][1] if n else -1 for n in row] for row in grid])
+    mtime[0, 1] -= 1  # "touched" was read before its last change
+    held = HeldFiles({"r_57": np.array([10, 20])}, {"r_57": np.array([100, 200, 300])}, {"r_57": path},
+                     {"r_57": size}, {"r_57": mtime})
+    rows = [("same", 10, 100, "r_57"), ("touched", 10, 200, "r_57"), ("moved_new", 10, 300, "r_57"),
+            ("dup_a", 20, 100, "r_57"), ("dup_b", 20, 100, "r_57"), ("new", 20, 300, "r_57"),
+            ("new", 30, 100, "r_57"), ("new", 10, 100, "g_6")]
+    table = FileTable(object_array([str(files[r[0]]) for r in rows]), np.array([r[2] for r in rows]),
+                      np.array([r[1] for r in rows]), object_array([r[3] for r in rows]))
+    kept, report = split_part(table, held)
+    # Read: all but "same"; the duplicate cell whole (both files), so that it is found as a run finds it.
+    assert kept.path.tolist() == table.path[1:].tolist()
+    # dup_a is read again (its cell is listed twice), dup_b is "another path" for the same cell.
+    assert (report.added, report.reread, report.replaced) == (3, 2, 2)
+    assert report.replaced_examples[0] == (str(files["moved_old"]), str(files["moved_new"]))
+    n_vanished, named, n_held = vanished_files(held, report.seen)
+    assert (n_vanished, n_held) == (1, 5) and named == [{"file": str(files["gone"]), "physical_filter": "r_57",
+                                                         "detector": 20, "exposure": 200}]

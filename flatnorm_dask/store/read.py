@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from ..config import Config
 
-__all__ = ["CommittedStore", "DamagedStoreError", "group_datasets", "is_complete", "open_store", "open_tree",
-           "resolve_store", "stored_config", "verify_store"]
+__all__ = ["CommittedStore", "DamagedStoreError", "committed_store", "group_datasets", "is_complete", "open_store",
+           "open_tree", "resolve_store", "stored_config", "verify_store"]
 
 
 class DamagedStoreError(StoreError):
@@ -236,12 +236,7 @@ def open_store(path: str | os.PathLike | StoreVersion) -> xr.DataTree:
         ``path`` exists but has no commit marker (an interrupted or running write, or not a store).
     """
     version, record = _committed(path)
-    identity = None
-    if version.id == LEGACY_VERSION:
-        st = os.stat(version.path)
-        identity = (st.st_dev, st.st_ino)
-    store = CommittedStore(LocalStore(version.path, read_only=True), name=os.fspath(version.store),
-                           version=version.id, record=record, identity=identity)
+    store = committed_store(version, record)
     try:
         tree = xr.open_datatree(store, engine="zarr", chunks={}, zarr_format=3)
     except StoreError:
@@ -252,6 +247,22 @@ def open_store(path: str | os.PathLike | StoreVersion) -> xr.DataTree:
     if missing:
         raise StoreError(f"{version.store}: group(s) {', '.join(missing)} listed by the commit marker are missing")
     return tree
+
+
+def committed_store(path: str | os.PathLike | StoreVersion, record: Mapping[str, Any] | None = None
+                    ) -> CommittedStore:
+    """The Zarr store (:class:`CommittedStore`) through which :func:`open_store` reads a committed version;
+    picklable, for tasks that read it with zarr directly.  ``record``: its commit record, if already read."""
+    if record is None:
+        version, record = _committed(path)
+    else:
+        version = resolve_store(path)
+    identity = None
+    if version.id == LEGACY_VERSION:
+        st = os.stat(version.path)
+        identity = (st.st_dev, st.st_ino)
+    return CommittedStore(LocalStore(version.path, read_only=True), name=os.fspath(version.store),
+                          version=version.id, record=record, identity=identity)
 
 
 def open_tree(path_or_tree: str | os.PathLike | StoreVersion | xr.DataTree) -> xr.DataTree:

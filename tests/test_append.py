@@ -380,3 +380,17 @@ def test_split_part_sorts_listed_files_against_the_store(tmp_path):
     n_vanished, named, n_held = vanished_files(held, report.seen)
     assert (n_vanished, n_held) == (1, 5) and named == [{"file": str(files["gone"]), "physical_filter": "r_57",
                                                          "detector": 20, "exposure": 200}]
+
+
+def test_a_store_without_a_record_of_its_files_is_refused(small, tmp_path, capsys):
+    """A store written before the per-cell file record (here: by write_store, without one): every file would
+    look new, so the append says what to do instead."""
+    root, _, _ = small
+    old = tmp_path / "old.zarr"
+    write_store(old, {"r_57": xr.Dataset({"det_scale": ("detector", [1.0])}, coords={"detector": [0]},
+                                         attrs={"level": "AMP"})})
+    assert cli.main(["run", "--input", str(root), "--pattern", SIMPLE_PATTERN, "--no-progress", "--level", "AMP",
+                     "--append", str(old)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"flatnorm: error: {old}: group r_57 has no record of the files it read (file, file_size, file_mtime_ns): "
+        "written by an older flatnorm; run it again without --append")

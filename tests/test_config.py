@@ -299,9 +299,11 @@ def sample(opt):
     return [opt.flag, text], value
 
 
-# Options that cannot be set together (one way of finding inputs; iterations or tol): three command lines.
+# Options that cannot be set together (one way of finding inputs; iterations or tol; a store to write or to
+# append to): four command lines.
 BUTLER_ONLY = {"input.butler", "input.collections", "input.where", "input.select", "solve.tol"}
-GROUPS = [set(OPTIONS) - BUTLER_ONLY - {"input.manifest"}, BUTLER_ONLY, {"input.manifest"}]
+GROUPS = [set(OPTIONS) - BUTLER_ONLY - {"input.manifest", "output.append"}, BUTLER_ONLY, {"input.manifest"},
+          {"output.append"}]  # output.append excludes output.store and output.overwrite
 
 
 @pytest.mark.parametrize("command", ["run", "demo", "job-script"])

@@ -23,8 +23,8 @@ __all__ = ["FILE_COUNTS", "HISTORY_ATTR", "continued_history", "history_entry", 
 HISTORY_ATTR = "history"
 #: An entry's ``files`` counts: files read (new, changed, at a new path), of which added (a cell the store
 #: did not hold), re-read (same path, size or modification time changed since it was read, or its cell listed
-#: twice), replaced (a cell held from another path); files vanished (held, no longer among the inputs: their cells are kept); cells kept
-#: from the version the append started from.
+#: twice), replaced (a cell held from another path); files vanished (held, no longer among the inputs: their
+#: cells are kept); cells kept from the version the append started from.
 FILE_COUNTS = ("read", "added", "reread", "replaced", "vanished", "kept")
 
 

@@ -292,6 +292,7 @@ def test_an_append_commits_only_onto_the_version_it_started_from(small, monkeypa
     assert not list(store.parent.glob(f".{store.name}.versions/*.partial-*"))
 
 
+@pytest.mark.slow
 def test_a_killed_append_leaves_the_store_as_it_was(small, tmp_path):
     """SIGKILL with the new version sealed: no clean-up at all; the sealed staging is never a store."""
     root, store, version = small

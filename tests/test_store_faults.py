@@ -162,6 +162,31 @@ def test_a_write_failing_on_a_worker_names_the_store(tmp_path, dask_client):
     assert nothing_written(tmp_path)
 
 
+def test_writes_racing_an_abort_leave_nothing(tmp_path):
+    """Chunk writes in threads while the staging directory is abandoned: a write that passed its check of the
+    root just before the abort renamed it must not make the directory again (zarr makes missing parents).
+    Each round leaves nothing at all; before the fix about half the rounds left a directory behind."""
+    import contextlib
+    import threading
+
+    for round_ in range(30):
+        base = tmp_path / f"round{round_}"
+        staging = prepare_store(base / "s.zarr")
+        array = zarr.create_array(StagingStore(staging), name="r_57/det_scale", shape=(48,), chunks=(1,),
+                                  dtype="f8")
+        def write(i):
+            with contextlib.suppress(StoreError, FileNotFoundError):  # refused: the staging is gone
+                array[i] = 1.0
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(48)]
+        for thread in threads:
+            thread.start()
+        abort_store(staging)
+        for thread in threads:
+            thread.join()
+        assert not list(base.rglob("*")), (round_, sorted(base.rglob("*")))
+
+
 def test_a_late_write_never_brings_back_an_abandoned_staging(tmp_path):
     """A chunk write that starts after its run failed elsewhere (zarr's LocalStore would make the directory
     again) is refused; nor can anything be written into a committed version."""

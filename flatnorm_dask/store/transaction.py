@@ -34,6 +34,7 @@ may belong to a run still writing on another node): :func:`prepare_store` report
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -97,6 +98,7 @@ LEGACY_VERSION = "legacy"
 _VERSIONS = ".versions"  # .NAME.versions: the directory of the versions
 _PARTIAL = "partial"  # a write in progress (a staging directory, or a file published by a rename)
 _DELETING = "deleting"  # a version on its way out
+_ABORT_PASSES = 20  # removals of an abandoned staging directory while late writes may still land in it
 _POINTER = "pointer"  # a new pointer about to be renamed over the old one
 _VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{12}$")
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
@@ -459,7 +461,13 @@ def abort_store(staging: str | os.PathLike) -> None:
         os.rename(staging, doomed)
     except OSError:
         doomed = staging
-    shutil.rmtree(doomed, ignore_errors=True)
+    # A write that had opened its file before the rename lands in the doomed directory and can keep the first
+    # removal from emptying it; later writes fail (they find no staging root), so a few passes suffice.
+    for _ in range(_ABORT_PASSES):
+        shutil.rmtree(doomed, ignore_errors=True)
+        if not os.path.lexists(doomed):
+            break
+        time.sleep(0.05)
     with contextlib.suppress(OSError):
         staging.parent.rmdir()
 
@@ -481,8 +489,32 @@ class StagingStore(LocalStore):
         await super()._open(mode=mode)
 
     async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(self._put, key, value, exclusive)
+
+    def set_sync(self, key: str, value: Any) -> None:
+        self._ensure_open_sync()
+        self._check_writable()
+        self._put(key, value, False)
+
+    def _put(self, key: str, value: Any, exclusive: bool) -> None:
+        # zarr makes every missing parent, the root too: checking the root first leaves a window in which
+        # an abort renames it away and the write makes it again.  Here only directories below the root are
+        # made, one at a time, so a write after the rename fails wherever it is.
         self._require_root()
-        await super()._set(key, value, exclusive=exclusive)
+        directory = self.root
+        try:
+            for part in Path(key).parts[:-1]:
+                directory = directory / part
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir()
+            with open(self.root / key, "xb" if exclusive else "wb") as file:
+                file.write(value.as_buffer_like())
+        except FileNotFoundError:
+            self._require_root()  # the root went away meanwhile: say so
+            raise
 
     def _ensure_open_sync(self) -> None:
         self._require_root()

@@ -98,7 +98,9 @@ class FilterSummary:
 
     def __str__(self) -> str:
         worst = ", ".join(f"{name} ({rms:.2e})" for name, rms in self.deviant_rows)
-        return (f"{self.name}: {self.n_exposures} exposures x {self.n_detectors} detectors x {self.n_amps} amps; "
+        shape = f"{self.n_exposures} exposures x {self.n_detectors} detectors" + (
+            f" x {self.n_amps} amps" if self.n_amps else "")  # a DETECTOR-level store has no amplifier axis
+        return (f"{self.name}: {shape}; "
                 f"{self.iterations} iterations, {'converged' if self.converged else 'NOT converged'}; "
                 f"residual scatter {self.residual_scatter:.3e}; {self.n_problems} problem(s); "
                 f"{self.n_filled_rows} row(s) and {self.n_empty_exposures} exposure(s) without usable data; "

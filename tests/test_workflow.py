@@ -231,6 +231,16 @@ def test_unknown_config_key_is_one_line(tmp_path):
     assert "levle" in line and str(cfg) in line
 
 
+def test_filter_summary_line_names_only_the_axes_the_store_has():
+    common = dict(name="r_57", n_exposures=6, n_detectors=20, iterations=4, converged=False,
+                  residual_scatter=1e-3, n_problems=2, deviant_rows=[("R22_S11", 2e-3)])
+    amp = str(workflow.FilterSummary(n_amps=16, **common))
+    assert amp.startswith("r_57: 6 exposures x 20 detectors x 16 amps; 4 iterations, NOT converged; ")
+    detector = str(workflow.FilterSummary(n_amps=0, **common))
+    assert detector.startswith("r_57: 6 exposures x 20 detectors; 4 iterations, NOT converged; ")
+    assert detector.endswith("most deviant: R22_S11 (2.00e-03)")
+
+
 def test_inputs_are_checked_before_any_cluster_is_reached(tmp_path, capsys):
     """A run that names no pattern (or a missing manifest) fails on that, not on the cluster it would join:
     nothing listens at the scheduler address, and the error is still about the inputs."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .ingest import ABSENT, file_identity
+from .ingest import ABSENT, FILE_RECORD, file_identity
 from .listing import FileTable
 
 __all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergeSpec", "PartReport", "StoredGroup", "held_files",
@@ -74,16 +74,15 @@ def held_files(version: Any) -> HeldFiles:
     out: dict[str, dict[str, np.ndarray]] = {"detectors": {}, "exposures": {}, "path": {}, "size": {},
                                              "mtime_ns": {}}
     for name, ds in group_datasets(tree).items():
-        missing = [v for v in ("file", "file_size", "file_mtime_ns") if v not in ds]
+        missing = [v for v in FILE_RECORD if v not in ds]
         if missing:
             raise StoreError(f"{version.store}: group {name} has no record of the files it read ({', '.join(missing)}"
                              "): written by an older flatnorm; run it again without --append")
-        ds = ds[["file", "file_size", "file_mtime_ns"]].transpose("detector", "exposure").load()
+        ds = ds[list(FILE_RECORD)].transpose("detector", "exposure").load()
         out["detectors"][name] = ds["detector"].values
         out["exposures"][name] = ds["exposure"].values
-        out["path"][name] = ds["file"].values.astype(object)
-        out["size"][name] = ds["file_size"].values
-        out["mtime_ns"][name] = ds["file_mtime_ns"].values
+        path, size, mtime = (ds[v].values for v in FILE_RECORD)
+        out["path"][name], out["size"][name], out["mtime_ns"][name] = path.astype(object), size, mtime
     return HeldFiles(**out)
 
 
@@ -174,8 +173,8 @@ def merged_seen(reports: Sequence[PartReport]) -> dict[str, np.ndarray]:
 
 #: What a cell holds where neither the store nor the new reading has a file (as a reading task fills an absent
 #: cell).
-ABSENT_FILL = {"background": np.nan, "weight": 0.0, "status": ABSENT, "reason": "", "file": "", "file_size": -1,
-               "file_mtime_ns": -1}
+ABSENT_FILL = {"background": np.nan, "weight": 0.0, "status": ABSENT, "reason": "",
+               **dict(zip(FILE_RECORD, ("", -1, -1)))}
 
 
 @dataclass(frozen=True)

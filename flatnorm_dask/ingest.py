@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STATUS",
     "Campaign",
+    "FILE_RECORD",
     "Grid",
     "IngestError",
     "compile_pattern",
@@ -84,6 +85,9 @@ STATUS = {0: "ok", 1: "absent", 2: "unreadable", 3: "amplifier names differ", 4:
 OK, ABSENT, BAD_FILE, AMP_MISMATCH, DUPLICATE = range(5)
 
 DUPLICATE_SEPARATOR = " | "  # joins the paths of duplicate files in a cell's ``file`` entry
+#: The variables that record, per cell, the file read and its identity when it was read (path, size in bytes,
+#: mtime_ns; "" and -1 where none): what a later run compares to tell new or changed files.
+FILE_RECORD = ("file", "file_size", "file_mtime_ns")
 _STRINGS = np.dtypes.StringDType()
 
 
@@ -280,16 +284,17 @@ def _dataset(outputs: Sequence[Any], detectors: np.ndarray, exposures: np.ndarra
     channels = PackedChannels(len(amp_names))
     cell = ("detector", "exposure")
     amp_cell = ("detector", "amp", "exposure")
+    path_var, size_var, mtime_var = FILE_RECORD
     ds = xr.Dataset(
         {
             "status": (cell, packed[:, channels.status, :].astype(np.uint8)),
             **{name: (amp_cell if per_amp else cell, packed[:, index, :])
                for name, per_amp, index in channels.variables()},
-            "file": (cell, files, {"long_name": "file read for the cell ('' if none; duplicates joined by ' | ')"}),
-            "file_size": (cell, identity[0],
-                          {"long_name": "size in bytes of the file when it was read (-1 if unknown)"}),
-            "file_mtime_ns": (cell, identity[1], {"long_name": "modification time (ns since the epoch) of the file "
-                                                               "when it was read (-1 if unknown)"}),
+            path_var: (cell, files, {"long_name": "file read for the cell ('' if none; duplicates joined by "
+                                                  f"{DUPLICATE_SEPARATOR!r})"}),
+            size_var: (cell, identity[0], {"long_name": "size in bytes of the file when it was read (-1 if unknown)"}),
+            mtime_var: (cell, identity[1], {"long_name": "modification time (ns since the epoch) of the file when "
+                                                         "it was read (-1 if unknown)"}),
             "reason": (cell, reasons, {"long_name": "why the cell was masked ('' if it was not)"}),
         },
         coords={"detector": detectors, "amp": list(amp_names), "exposure": exposures},

@@ -41,6 +41,7 @@ from .incremental import (
 )
 from .ingest import (
     ABSENT,
+    FILE_RECORD,
     STATUS,
     Campaign,
     Grid,
@@ -160,7 +161,7 @@ def solve_dataset(ds: xr.Dataset, level: str, **options: Any) -> ScaleResult:
 #: What the store keeps of each cell's reading besides the statistic and its weight: its status and why a
 #: masked cell was masked, and the identity of the file read (path, size, mtime), so that a later run can tell
 #: which files are new or changed.
-READING_VARIABLES = ("status", "reason", "file", "file_size", "file_mtime_ns")
+READING_VARIABLES = ("status", "reason", *FILE_RECORD)
 #: What the solver reads of a filter's group: the statistic, its weight and the reading status.
 SOLVER_VARIABLES = ("background", "weight", "status")
 

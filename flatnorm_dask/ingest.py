@@ -69,7 +69,6 @@ __all__ = [
     "Grid",
     "IngestError",
     "compile_pattern",
-    "count_inputs",
     "discover",
     "file_identity",
     "list_campaign",
@@ -591,18 +590,6 @@ def discover(
         raise IngestError(source.nothing_found())
     return table.to_frame().sort_values(["physical_filter", "exposure", "detector", "path"], kind="stable",
                                         ignore_index=True)
-
-
-def count_inputs(root: str | os.PathLike | None = None, pattern: str | None = None,
-                 manifest: str | os.PathLike | None = None, *, camera: Any = None, files: Any = None,
-                 files_from: str = "file table", limit: int) -> int:
-    """How many input files there are, counted cheaply on the client and only up to just past ``limit``.
-
-    A manifest's rows, a table's length, or every file below a pattern's root (matching or not: a bound,
-    as is the count before a down-selection).  Runs use it to decide whether the work is worth starting a
-    cluster.
-    """
-    return input_source(root, pattern, manifest, camera, files, files_from=files_from).count(limit)
 
 
 # ----------------------------------------------------------------------------------------------- checks

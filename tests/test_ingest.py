@@ -14,7 +14,6 @@ from flatnorm_dask.camera import load_camera
 from flatnorm_dask.ingest import (
     IngestError,
     compile_pattern,
-    count_inputs,
     discover,
     problems,
     read_campaign,
@@ -419,14 +418,15 @@ def test_parquet_manifest_names_the_row(campaign, tmp_path):
         assert str(err.value) == f"{path}: row 101: column {column}: {problem}"
 
 
-def test_count_inputs_counts_cheaply_up_to_the_limit(campaign):
+def test_input_count_is_cheap_up_to_the_limit(campaign):
+    """What a run counts to decide whether to start a cluster (the input source's ``count``)."""
     _, root, manifest = campaign
     files = discover(manifest=manifest)
-    assert count_inputs(manifest=manifest, limit=10**6) == len(files) == 168
-    assert count_inputs(manifest=manifest, limit=10) > 10
-    assert count_inputs(files=files, limit=10) == 168
-    assert count_inputs(root, SIMPLE_PATTERN, limit=10**6) == 169  # every file below the root: manifest.csv too
-    assert 10 < count_inputs(root, SIMPLE_PATTERN, limit=10) < 169  # stops early
+    assert listing.input_source(manifest=manifest).count(10**6) == len(files) == 168
+    assert listing.input_source(manifest=manifest).count(10) > 10
+    assert listing.input_source(files=files).count(10) == 168
+    assert listing.input_source(root, SIMPLE_PATTERN).count(10**6) == 169  # every file below the root: manifest.csv too
+    assert 10 < listing.input_source(root, SIMPLE_PATTERN).count(10) < 169  # stops early
 
 
 def test_distributed_read_equals_threaded_and_solver_runs_on_it(campaign, dask_cluster):

@@ -1,6 +1,9 @@
-"""Shared by the tests: their data, PyYAML with the PropertyList tag (an independent reader/writer), the CLI's
-error line."""
+"""Shared by the tests: their data, PyYAML with the PropertyList tag (an independent reader/writer), the CLI
+run in the test's process and its error line."""
 
+import contextlib
+import io
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -35,6 +38,17 @@ class DateTime(str):
 
 PropertyListDumper.add_representer(Items, lambda dumper, data: dumper.represent_sequence(TAG, list(data)))
 PropertyListDumper.add_representer(DateTime, lambda dumper, data: dumper.represent_scalar(DATETIME_TAG, str(data)))
+
+
+def in_process(*args) -> subprocess.CompletedProcess:
+    """``flatnorm ARGS`` in the test's process, as a CompletedProcess: what the command prints and returns
+    without the seconds a fresh interpreter spends importing (tests of the process itself run a subprocess)."""
+    from flatnorm_dask.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def error_line(result) -> str:

@@ -6,11 +6,8 @@ The stores come from the whole workflow on simulated statistics files (threaded 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -19,24 +16,15 @@ import yaml
 
 from flatnorm_dask import measure_scales
 from flatnorm_dask.camera import load_camera
-from flatnorm_dask.cli import main
 from flatnorm_dask.config import load_config
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
 from flatnorm_dask.store import export_scales, open_store
 from flatnorm_dask.workflow import run
-from helpers import combination_lookup, error_line  # noqa: E402
+from helpers import combination_lookup, error_line, in_process  # noqa: E402
 
 FILTERS = ("g_6", "r_57")
 N_DET, N_EXP = 5, 5
 EMPTY = 2  # index of g_6's exposure whose statistics are all NaN
-
-
-def flatnorm(*args) -> subprocess.CompletedProcess:
-    """``flatnorm ARGS`` in this process, as a CompletedProcess."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +122,7 @@ def test_an_exposure_without_a_usable_cell_is_left_out_and_recorded(campaign, st
     dead = int(campaign["r_57"]["detector"][1])
     r_scales = yaml.safe_load((out / "scales" / "r_57.yaml").read_text())
     assert r_scales["expScale"][dead] == r_scales["expScale"][int(r["detector"][0])]
-    info = flatnorm("info", summary.store)
+    info = in_process("info", summary.store)
     assert info.returncode == 0, info.stderr
     lines = info.stdout.splitlines()
     assert "    1 exposure(s) left out of expScale (E not finite)" in lines
@@ -144,15 +132,15 @@ def test_an_exposure_without_a_usable_cell_is_left_out_and_recorded(campaign, st
 
 def test_export_to_a_directory_or_one_filter_to_a_file(store, tmp_path):
     summary, out = store
-    result = flatnorm("export", summary.store, "-o", tmp_path / "d")
+    result = in_process("export", summary.store, "-o", tmp_path / "d")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(tmp_path / "d" / f"{name}.yaml") for name in FILTERS]
     for name in FILTERS:
         assert (tmp_path / "d" / f"{name}.yaml").read_bytes() == (out / "scales" / f"{name}.yaml").read_bytes()
-    result = flatnorm("export", summary.store, "--filter", "r_57", "-o", tmp_path / "r.yaml")
+    result = in_process("export", summary.store, "--filter", "r_57", "-o", tmp_path / "r.yaml")
     assert result.returncode == 0 and result.stdout.splitlines() == [str(tmp_path / "r.yaml")]
     assert (tmp_path / "r.yaml").read_bytes() == (out / "scales" / "r_57.yaml").read_bytes()
-    result = flatnorm("export", summary.store, "--filter", "r_57", "-o", tmp_path / "only")
+    result = in_process("export", summary.store, "--filter", "r_57", "-o", tmp_path / "only")
     assert result.stdout.splitlines() == [str(tmp_path / "only" / "r_57.yaml")]
     assert not list(tmp_path.glob(".*"))  # no staging files left beside them
 
@@ -177,13 +165,13 @@ def test_export_refusals_are_one_line_and_write_nothing(store, tmp_path, args, m
     os.mkfifo(tmp_path / "fifo.yml")
     before = sorted(tmp_path.rglob("*"))
     fill = {"tmp": tmp_path, "store": summary.store}
-    line = error_line(flatnorm("export", summary.store, *[a.format(**fill) for a in args]))
+    line = error_line(in_process("export", summary.store, *[a.format(**fill) for a in args]))
     assert line == f"flatnorm: error: {message.format(**fill)}"
     assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "file").read_text() == "mine\n"
 
 
 def test_run_scales_yaml_file_needs_one_filter_checked_before_any_work(campaign, files, tmp_path):
-    result = flatnorm("run", "--input", files, "--pattern", SIMPLE_PATTERN, "--output", tmp_path / "s.zarr",
+    result = in_process("run", "--input", files, "--pattern", SIMPLE_PATTERN, "--output", tmp_path / "s.zarr",
                       "--scales-yaml", tmp_path / "scales.yaml", "--no-progress")
     line = error_line(result)
     assert f"{tmp_path / 'scales.yaml'}: one YAML file holds one physical_filter's scales, and there are 2" in line

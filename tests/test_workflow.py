@@ -1,6 +1,7 @@
 """End to end: the ``flatnorm`` command on simulated LSST-format files, in its own process or on a cluster, into
 a Zarr store."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -24,12 +25,12 @@ from flatnorm_dask.store import (
     open_store,
     store_history,
 )
-from helpers import error_line  # noqa: E402
+from helpers import error_line, in_process  # noqa: E402
 
 FILTERS = ("g_6", "r_57")
 
 
-def flatnorm(*args, timeout=300, python=()):
+def in_its_own_process(*args, timeout=300, python=()):
     """The installed command, in a subprocess, as a user runs it (``python``: interpreter options)."""
     return subprocess.run([sys.executable, *python, "-m", "flatnorm_dask.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
@@ -49,9 +50,9 @@ def amp_store(campaign, tmp_path_factory):
     store = tmp_path_factory.mktemp("out") / "scales.zarr"
     scales = store.parent / "scales"  # a directory: one PHYSICAL_FILTER.yaml per filter
     # -X importtime lists on stderr every module the command imports.
-    result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level", "AMP",
-                      "--workers", 2, "--scales-yaml", scales, "--no-progress", "--batch-size", 50,
-                      python=("-X", "importtime"))
+    result = in_its_own_process("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level",
+                                "AMP", "--workers", 2, "--scales-yaml", scales, "--no-progress", "--batch-size", 50,
+                                python=("-X", "importtime"))
     assert result.returncode == 0, result.stderr
     return store, scales, result
 
@@ -145,7 +146,7 @@ def test_store_provenance_and_info(amp_store):
     tree = open_store(store)
     assert tree.attrs["config"]["solve"]["level"] == "AMP"
     assert "numpy" in tree.attrs["versions"] and tree.attrs["created"]
-    info = flatnorm("info", store)
+    info = in_process("info", store)
     assert info.returncode == 0, info.stderr
     for word in ("g_6", "r_57", "AMP"):
         assert word in info.stdout
@@ -176,25 +177,26 @@ def test_exported_yaml_reads_back(campaign, amp_store):
     assert got["detScale"][det] == pytest.approx(expected["detScale"][det], rel=1e-12)
     assert got["expScale"][det]["C10"] == pytest.approx(expected["expScale"][det]["C10"], rel=1e-12)
     again = store.parent / "again"
-    result = flatnorm("export", store, "--output", again)
+    result = in_process("export", store, "--output", again)
     assert result.returncode == 0, result.stderr
     assert {name: yaml.safe_load(open(again / f"{name}.yaml")) for name in FILTERS} == exported
 
 
 @pytest.mark.slow
-def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_path):
+def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_path, caplog):
     _, root = campaign
     store, _, _ = amp_store
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
-    result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level", "AMP",
-                      "--workers", 1, "--no-progress")
+    with caplog.at_level(logging.INFO, logger="flatnorm_dask"):
+        result = in_process("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", store, "--level",
+                            "AMP", "--workers", 1, "--no-progress")
     line = error_line(result)
     assert "--overwrite" in line and str(store) in line
-    assert len(result.stderr.strip().splitlines()) == 1  # refused before any cluster started
+    assert caplog.messages == []  # refused before the inputs were counted or any cluster started
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
     rerun = tmp_path / "rerun.zarr"
-    result = flatnorm("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", rerun, "--level", "AMP",
-                      "--workers", 2, "--no-progress", "--batch-size", 50)
+    result = in_process("run", "--input", root, "--pattern", SIMPLE_PATTERN, "--output", rerun, "--level", "AMP",
+                        "--workers", 2, "--no-progress", "--batch-size", 50)
     assert result.returncode == 0, result.stderr
     for name in FILTERS:
         a, b = xr.open_zarr(store, group=name).load(), xr.open_zarr(rerun, group=name).load()
@@ -211,13 +213,13 @@ def test_bad_input_fails_with_one_line_naming_the_file(campaign, tmp_path):
     victim = sorted(inputs.rglob("flatStats_*.yaml"))[7]
     victim.write_text("!<lsst.daf.base.PropertyList>\n- [DETECTOR_MEDIAN, Double, 1.0, '']\n")
     store = tmp_path / "bad.zarr"
-    result = flatnorm("run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--workers", 1,
-                      "--no-progress")
+    result = in_process("run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--workers", 1,
+                        "--no-progress")
     line = error_line(result)
     assert str(victim) in line and "DETECTOR_N: missing" in line
     assert not store.exists() and not list(tmp_path.glob(".bad.zarr*"))
-    masked = flatnorm("run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--workers", 1,
-                      "--no-progress", "--on-error", "mask")
+    masked = in_process("run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--workers", 1,
+                        "--no-progress", "--on-error", "mask")
     assert masked.returncode == 0, masked.stderr
     problems = [p for name in FILTERS for p in open_store(store)[name].attrs["problems"]]
     assert [p["file"] for p in problems] == [str(victim)]
@@ -226,7 +228,7 @@ def test_bad_input_fails_with_one_line_naming_the_file(campaign, tmp_path):
 def test_unknown_config_key_is_one_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("solve:\n  levle: AMP\n")
-    result = flatnorm("run", cfg, "--output", tmp_path / "x.zarr")
+    result = in_process("run", cfg, "--output", tmp_path / "x.zarr")
     line = error_line(result)
     assert "levle" in line and str(cfg) in line
 
@@ -257,7 +259,7 @@ def test_inputs_are_checked_before_any_cluster_is_reached(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path, scheduler_address):
+def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path, scheduler_address, caplog):
     tree = simulate_campaign("lsstcam", n_detectors=100, n_exposures=8, filters=("r_57",), seed=2)
     inputs = tmp_path / "inputs"
     write_campaign(tree, inputs, layout="simple")
@@ -287,9 +289,10 @@ def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path
     # solver; the leftover is reported, not removed.
     two_days_ago = partial.stat().st_mtime - 2 * 86400
     os.utime(partial, (two_days_ago, two_days_ago))
-    result = flatnorm(*args, "--scheduler", scheduler_address)
+    with caplog.at_level(logging.WARNING, logger="flatnorm_dask"):
+        result = in_process(*args, "--scheduler", scheduler_address)
     assert result.returncode == 0, result.stderr
-    assert partial.is_dir() and partial.name in result.stderr and "older than a day" in result.stderr
+    assert partial.is_dir() and partial.name in caplog.text and "older than a day" in caplog.text
     ds = open_store(store)["r_57"].to_dataset()
     truth = tree["r_57"].to_dataset().sortby(["detector", "exposure"])
     np.testing.assert_allclose(ds["det_scale"].values, numpy_fit(truth, "AMP").vectorG, rtol=1e-12)

@@ -8,7 +8,17 @@ starting a cluster.  Tests that kill workers or need a differently shaped cluste
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+# The suite starts dozens of processes (test workers, runs, cluster workers, a kernel), each importing the
+# package anew.  Where the environment turns bytecode caching off (PYTHONDONTWRITEBYTECODE, as some CI images
+# do), each would compile every module from source: the suite turns it back on for itself and its children
+# (__pycache__ is ignored by git).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,6 +16,7 @@ from flatnorm_dask.config import load_config
 from flatnorm_dask.simulate import simulate_campaign, write_campaign
 from flatnorm_dask.store import open_store
 from flatnorm_dask.workflow import run
+from helpers import in_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +116,8 @@ def test_every_bad_input_masked_and_listed_by_the_cli(inputs, tmp_path):
     pd.concat([table, table.iloc[[0]]]).to_csv(dest / "manifest.csv", index=False)
     expected[str(dest / table["path"].iloc[0])] = "duplicate"
     store = tmp_path / "masked.zarr"
-    result = subprocess.run([sys.executable, "-m", "flatnorm_dask.cli", "run", "--manifest", str(dest / "manifest.csv"),
-                             "--output", str(store), "--on-error", "mask", "--workers", "2", "--no-progress"],
-                            capture_output=True, text=True, timeout=300)
+    result = in_process("run", "--manifest", dest / "manifest.csv", "--output", store, "--on-error", "mask",
+                        "--workers", 2, "--no-progress")
     assert result.returncode == 0, result.stderr
     ds = open_store(store)["r_57"].to_dataset()
     found = {p["file"]: p["reason"] for p in ds.attrs["problems"]}

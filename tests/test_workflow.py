@@ -372,6 +372,27 @@ def test_held_or_streamed_inputs_give_identical_stores(campaign, tmp_path, monke
         assert one.attrs["n_clipped"] == across.attrs["n_clipped"]
 
 
+def run_script(path: str, *args: str) -> subprocess.CompletedProcess:
+    """A ``workflows/`` script run as ``__main__`` in this process (its argv, its exit status), as a
+    CompletedProcess: the scripts only pick the cluster and call the CLI, which the subprocess tests cover."""
+    import contextlib
+    import io
+    import runpy
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [path, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(path, run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.mark.slow
 def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_path, dask_cluster):
     """workflows/slurm.py on dask-jobqueue's local cluster class (the SLURM code path without SLURM), and
@@ -386,8 +407,8 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
     workflows = os.path.join(os.path.dirname(__file__), os.pardir, "workflows")
     common = ["--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--no-progress",
               "--batch-size", "50"]
-    script = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--print-job-script",
-                             "--kind", "jobqueue-local", str(cfg)], capture_output=True, text=True, timeout=120)
+    script = run_script(os.path.join(workflows, "slurm.py"), "--print-job-script", "--kind", "jobqueue-local",
+                        str(cfg))
     assert script.returncode == 0, script.stderr
     # The configured job memory (2GiB, one worker process a job) is what each worker is limited to.
     import re
@@ -398,13 +419,12 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
     assert limit == "2.00GiB"
     assert re.search(rf"--memory-limit {re.escape(limit)}( |$)", script.stdout, re.M), script.stdout
     assert re.search(r"--nthreads 1( |$)", script.stdout, re.M), script.stdout
-    jq = subprocess.run([sys.executable, os.path.join(workflows, "slurm.py"), "--kind", "jobqueue-local", str(cfg),
-                         "--output", str(tmp_path / "jq.zarr"), *common], capture_output=True, text=True, timeout=300)
+    jq = run_script(os.path.join(workflows, "slurm.py"), "--kind", "jobqueue-local", str(cfg), "--output",
+                    str(tmp_path / "jq.zarr"), *common)
     assert jq.returncode == 0, jq.stderr
     workers = set(dask_cluster.scheduler.workers)
-    ex = subprocess.run([sys.executable, os.path.join(workflows, "existing_scheduler.py"),
-                         dask_cluster.scheduler_address, "--output", str(tmp_path / "ex.zarr"), *common],
-                        capture_output=True, text=True, timeout=300)
+    ex = run_script(os.path.join(workflows, "existing_scheduler.py"), dask_cluster.scheduler_address, "--output",
+                    str(tmp_path / "ex.zarr"), *common)
     assert ex.returncode == 0, ex.stderr
     assert set(dask_cluster.scheduler.workers) == workers  # the same workers, left running for the next run
     for store in ("jq.zarr", "ex.zarr"):

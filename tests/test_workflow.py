@@ -403,7 +403,8 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
     cfg = tmp_path / "jobqueue.yaml"
     cfg.write_text("cluster:\n  n_workers: 2\n  wait_timeout: 120\n"
                    "dask:\n  jobqueue:\n    local:\n      cores: 1\n      processes: 1\n      memory: 2GiB\n"
-                   f"      log-directory: {tmp_path / 'logs'}\n")
+                   f"      log-directory: {tmp_path / 'logs'}\n"
+                   "      scheduler-options: {dashboard_address: ':0'}\n")  # 8787 may be taken on this machine
     workflows = os.path.join(os.path.dirname(__file__), os.pardir, "workflows")
     common = ["--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--no-progress",
               "--batch-size", "50"]

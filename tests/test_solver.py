@@ -224,6 +224,8 @@ def test_memory_bytes_is_what_the_solver_persists(monkeypatch, clip_sigma):
         return real_persist(*arrays, **kwargs)
 
     monkeypatch.setattr(dask, "persist", spy)
+    # In the test's thread: a robust fit is a few hundred graphs of a few tasks, and only their bytes matter here.
+    monkeypatch.setitem(dask.config.config, "scheduler", "synchronous")
     cube = [da.from_array(x.reshape(4, 8, 16), chunks=(2, 8, 8)) for x in (b, w)]
     fit = measure_scales(*cube, clip_sigma=clip_sigma)
     assert persisted[0] == memory_bytes((4, 8, 16)) == 17 * b.size

@@ -94,9 +94,12 @@ def _cpu_seconds() -> float:
 
 
 def _child(spec: dict) -> dict:
-    """Runs in a fresh process: one workflow run on a fresh 2-worker cluster; returns the figures."""
-    from distributed import Client, LocalCluster
+    """Runs in a fresh process: one workflow run on a fresh 2-worker cluster, started as ``flatnorm run`` starts
+    its LocalCluster (:func:`flatnorm_dask.cluster.connect`); returns the figures."""
+    import dask
+    import distributed  # noqa: F401  its config defaults, before a key of its section is set
 
+    from flatnorm_dask.cluster import connect
     from flatnorm_dask.config import load_config
     from flatnorm_dask.workflow import run
 
@@ -105,14 +108,16 @@ def _child(spec: dict) -> dict:
     for name in ("flatnorm_dask.ingest", "flatnorm_dask.workflow"):
         logging.getLogger(name).addHandler(marks)
         logging.getLogger(name).setLevel(logging.DEBUG)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    where = ({"input.root": spec["root"], "input.pattern": spec["pattern"]} if spec.get("root")
+             else {"input.manifest": spec["manifest"]})
+    cfg = load_config(None, {**where, "output.store": spec["store"], "solve.level": "AMP", "output.overwrite": True,
+                             "cluster.n_workers": WORKERS, "cluster.threads_per_worker": 1, **spec["overrides"]})
     start = time.perf_counter()
-    with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    # The run's dask section for the run, as flatnorm run sets it.
+    settings = {"distributed.scheduler.dashboard.address": ":0", **cfg.dask_settings()}
+    with dask.config.set(settings), connect(cfg.cluster) as client:
         startup = time.perf_counter() - start
-        where = ({"input.root": spec["root"], "input.pattern": spec["pattern"]} if spec.get("root")
-                 else {"input.manifest": spec["manifest"]})
-        cfg = load_config(None, {**where, "output.store": spec["store"], "solve.level": "AMP",
-                                 "output.overwrite": True, **spec["overrides"]})
         cpu0 = sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
         t0 = time.perf_counter()
         summary = run(cfg, show_progress=False)
@@ -125,8 +130,24 @@ def _child(spec: dict) -> dict:
             "worker_peak_mb": max(workers.values()) / 1024}
 
 
-def measure(store: Path, **spec) -> dict:
-    result = fresh.measure(__file__, {"store": str(store), "overrides": {}, **spec})
+def _overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` texts as config overrides (values read as YAML), checked now rather than in every child."""
+    import yaml
+
+    from flatnorm_dask.config import load_config
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    load_config(None, overrides)
+    return overrides
+
+
+def measure(store: Path, overrides: dict, **spec) -> dict:
+    result = fresh.measure(__file__, {"store": str(store), "overrides": overrides, **spec})
     from flatnorm_dask.store import remove_store
 
     remove_store(store)  # the store is a link to its version: rmtree would leave the data
@@ -146,6 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exposures", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--filter-exposures", type=int, default=100, help="exposures per filter in part 2 (0: skip)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run setting for every measurement, as a flag of flatnorm run would set it (e.g. "
+                             "input.batch_size=1000, cluster.diagnostics=true: YAML values)")
     fresh.add_arguments(parser)
     args = parser.parse_args()
     if fresh.serve(args.child, _child):
@@ -153,10 +177,11 @@ def main() -> None:
 
     from flatnorm_dask.simulate import SIMPLE_PATTERN
 
+    overrides = _overrides(args.set)
     work = fresh.workdir(args.dir)
     try:
-        print(f"files under {work}; {WORKERS}-worker LocalCluster, 1 thread each, fresh per run; level AMP; "
-              "files found by a pattern scan")
+        print(f"files under {work}; {WORKERS}-worker LocalCluster (as flatnorm run starts it), 1 thread each, fresh "
+              f"per run; level AMP; files found by a pattern scan; settings {overrides or 'the defaults'}")
         print("\nPart 1: one filter, 189 detectors x 16 amps x N exposures.  ideal = files x serial read cost per "
               f"file / {WORKERS} workers; ratio = run / ideal (goal <= 2 at 189,000 files)")
         print(f"{'files':>8} {'us/file':>8} {'ideal s':>8} {'run s':>7} {'ratio':>6} | {'listing':>7} {'graph':>6} "
@@ -165,7 +190,7 @@ def main() -> None:
         for n in args.exposures:
             inputs = work / f"n{n}"
             _, n_files = write_inputs(inputs, n, ("r_57",), seed=n)
-            r = measure(work / "store.zarr", root=str(inputs), pattern=SIMPLE_PATTERN)
+            r = measure(work / "store.zarr", overrides, root=str(inputs), pattern=SIMPLE_PATTERN)
             ideal = n_files * r["per_file"] / WORKERS
             p = r["phases"]
             print(f"{n_files:>8} {r['per_file'] * 1e6:>8.1f} {ideal:>8.2f} {r['wall']:>7.2f} "
@@ -183,13 +208,13 @@ def main() -> None:
         print(f"\nPart 2: {len(FILTERS)} filters x {m} exposures x 189 detectors in one run vs one by one")
         inputs = work / "filters"
         manifest, n_files = write_inputs(inputs, m, FILTERS, seed=1)
-        together = measure(work / "store.zarr", manifest=str(manifest))
+        together = measure(work / "store.zarr", overrides, manifest=str(manifest))
         table = pd.read_csv(manifest)
         alone = []
         for name in FILTERS:
             sub = inputs / f"manifest_{name}.csv"
             table[table["physical_filter"] == name].to_csv(sub, index=False)
-            alone.append(measure(work / "store.zarr", manifest=str(sub)))
+            alone.append(measure(work / "store.zarr", overrides, manifest=str(sub)))
         serial = sum(r["wall"] for r in alone)
         serial_with_startup = sum(r["wall"] + r["startup"] for r in alone)
         print(f"  together: {together['wall']:.1f} s for {n_files} files ({n_files / together['wall']:.0f} files/s), "

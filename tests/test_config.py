@@ -143,6 +143,7 @@ BAD = [
     ("cluster:\n  scheduler: slurmm\n", "cluster.scheduler", "did you mean slurm?"),
     ("cluster:\n  scheduler: scheduler-host\n", "cluster.scheduler", "tcp://host:8786"),
     ("cluster:\n  wait_timeout: 0\n", "cluster.wait_timeout", "> 0"),
+    ("cluster:\n  diagnostics: 'off'\n", "cluster.diagnostics", "true or false, got a string 'off'"),
     ("solve: 3\n", "solve", "mapping"),
     ("- solve\n", "mapping of sections", ""),
     ("dask:\n  flatnorm:\n    cluster:\n      n_workers: 2\n", "dask.flatnorm.cluster.n_workers", "cluster"),
@@ -413,6 +414,40 @@ def test_connect_takes_its_settings_explicitly(tmp_path, clean_dask_env):
                 assert len(other.scheduler_info()["workers"]) == 1
         assert len(client.scheduler_info()["workers"]) == 1  # joining and leaving left it running
     assert client.status == "closed" and client.cluster.status.name == "closed"
+
+
+def _samplers(client) -> tuple:
+    """What the dashboard's samplers are set to on a cluster: (event-loop tick, system monitor) intervals in
+    seconds of the scheduler, and of each worker with whether it profiles its tasks."""
+    def intervals(server):
+        return server._tick_interval, server.periodic_callbacks["monitor"].callback_time / 1000
+
+    scheduler = client.run_on_scheduler(lambda dask_scheduler: intervals(dask_scheduler))
+    workers = client.run(lambda dask_worker: (*intervals(dask_worker), "profile" in dask_worker.periodic_callbacks))
+    return scheduler, sorted(set(workers.values()))
+
+
+def test_a_local_cluster_starts_with_the_dashboards_samplers_slowed(clean_dask_env):
+    """Without cluster.diagnostics, the LocalCluster connect() starts has its workers' profiler off and every
+    server's tick and system monitor slowed (QUIET_DASK); a key the user set (as a run's dask: section sets it)
+    keeps the user's value; with cluster.diagnostics, distributed's defaults.  dask's config is never left
+    changed."""
+    import distributed  # noqa: F401  its defaults, before its keys are set
+
+    from flatnorm_dask.cluster import QUIET_DASK, connect
+
+    keys = {**QUIET_DASK, "distributed.scheduler.dashboard.address": None}
+    local = {"n_workers": 1, "memory_limit": "1GiB"}
+    users = {"distributed.scheduler.dashboard.address": ":0", "distributed.admin.system-monitor.interval": "1s"}
+    with dask.config.set(users):
+        before = {key: dask.config.get(key) for key in keys}
+        with connect(Config.from_dict({"cluster": local}).cluster) as client:
+            # The tick at QUIET_DASK's 1 s, the monitor at the user's 1 s (not QUIET_DASK's 2 s), no profiler.
+            assert _samplers(client) == ((1.0, 1.0), [(1.0, 1.0, False)])
+        assert {key: dask.config.get(key) for key in keys} == before
+    with dask.config.set({"distributed.scheduler.dashboard.address": ":0"}):
+        with connect(Config.from_dict({"cluster": {**local, "diagnostics": True}}).cluster) as client:
+            assert _samplers(client) == ((0.02, 0.5), [(0.02, 0.5, True)])  # distributed's defaults
 
 
 def test_demo_filters_are_checked_when_given(capsys):

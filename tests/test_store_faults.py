@@ -40,6 +40,7 @@ from flatnorm_dask.store import (
     store_transaction,
     verify_store,
     write_groups,
+    write_region,
     write_scales_yaml,
     write_store,
 )
@@ -206,6 +207,37 @@ def test_a_late_write_never_brings_back_an_abandoned_staging(tmp_path):
     with pytest.raises(StoreError, match="this write came after"):
         late[0, 0] = 2.0
     assert is_complete(store)
+
+
+def test_block_writes_of_a_process_go_to_their_own_run_and_never_after_it(tmp_path):
+    """write_region keeps the arrays it opened (a reading task writes a block of each variable per task): a
+    run's blocks land in its own staging directory, the next run's in its own, and a block written once its
+    run was abandoned or committed is refused, though the arrays were opened before."""
+    def blocks(seed):
+        whole = groups(seed)["r_57"]
+        return whole, [(whole.isel(exposure=slice(e, e + 2)).compute(), {"exposure": slice(e, e + 2)})
+                       for e in range(0, 6, 2)]
+
+    store = tmp_path / "s.zarr"
+    for seed in (1, 2):  # the second run replaces the first, at the same store path
+        whole, parts = blocks(seed)
+        with store_transaction(store, overwrite=True) as txn:
+            write_groups(txn.staging, {"r_57": whole.chunk({"exposure": 2, "detector": 4})})  # layout only
+            for block, region in parts:
+                write_region(txn.staging, "r_57", block, region)
+        got = open_store(store)["r_57"]
+        for name in ("exp_scale", "det_scale"):
+            np.testing.assert_array_equal(got[name].values, whole[name].values)
+
+    for finish in (abort_store, lambda staging: commit_store(staging, store, overwrite=True)):
+        _, parts = blocks(3)
+        staging = prepare_store(store, overwrite=True)
+        write_groups(staging, {"r_57": groups(3)["r_57"].chunk({"exposure": 2, "detector": 4})})
+        write_region(staging, "r_57", *parts[0])  # opens the arrays
+        finish(staging)
+        with pytest.raises(StoreError, match="this write came after its store was committed or abandoned"):
+            write_region(staging, "r_57", *parts[1])
+        assert not staging.exists()
 
 
 def test_output_checks_of_the_store(tmp_path):

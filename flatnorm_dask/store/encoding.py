@@ -13,6 +13,7 @@ Layout of a group (built by the caller; written as given): ``exp_scale`` (exposu
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import os
 from collections.abc import Mapping
@@ -167,24 +168,49 @@ def write_region(staging: str | os.PathLike, name: str, ds: xr.Dataset, region: 
     """
     import asyncio
 
-    from zarr.api.asynchronous import open_group
     from zarr.core.sync import sync
 
+    # Variables, not DataArrays: making a DataArray of each costs more than its write.
+    variables = {var_name: ds.variables[var_name] for var_name in ds.data_vars}
     values = {var_name: var.values.astype(_STRING_DTYPE) if var.dtype.kind in "OU" else var.values
-              for var_name, var in ds.data_vars.items()}
-    where = {var_name: tuple(region.get(dim, slice(None)) for dim in var.dims)
-             for var_name, var in ds.data_vars.items()}
+              for var_name, var in variables.items()}
+    where = {var_name: tuple(region.get(dim, slice(None)) for dim in var.dims) for var_name, var in variables.items()}
 
     async def write() -> None:
-        # Through StagingStore: a block written after its run failed (and removed the staging) is refused.
-        group = await open_group(StagingStore(staging), path=_check_group_name(name), mode="r+", zarr_format=3)
-        arrays = await asyncio.gather(*(group.getitem(var_name) for var_name in values))
-        await asyncio.gather(*(array.setitem(where[var_name], values[var_name])
-                               for array, var_name in zip(arrays, values)))
+        arrays = await _opened_arrays(os.fspath(staging), _check_group_name(name), list(values))
+        await asyncio.gather(*(arrays[var_name].setitem(where[var_name], values[var_name]) for var_name in values))
 
     # One trip to zarr's event loop for all the variables (rather than two a variable): a reading task
     # writes its block in a few milliseconds.
     sync(write())
+
+
+#: Arrays of staging groups that this process's :func:`write_region` calls opened, by (staging, group), most
+#: recent last; at most :data:`_OPENED_GROUPS` groups.  A staging directory's name is new for every run and its
+#: arrays' metadata never change once :func:`write_groups` wrote it, so the tasks of a run that land on one
+#: worker open each array once, not once a block: opening (reading and parsing its metadata) cost a third of a
+#: reading task's write.  Only zarr's event loop thread touches it.
+_OPENED: collections.OrderedDict[tuple[str, str], dict[str, Any]] = collections.OrderedDict()
+_OPENED_GROUPS = 16
+
+
+async def _opened_arrays(staging: str, name: str, variables: list[str]) -> dict[str, Any]:
+    """zarr's arrays of ``variables`` in group ``name`` of a staging store, opened once per process (see
+    :data:`_OPENED`), through :class:`StagingStore`: a block written after its run failed (and removed the staging)
+    or was committed is refused at each write, whenever the array was opened."""
+    import asyncio
+
+    from zarr.api.asynchronous import open_group
+
+    arrays = _OPENED.setdefault((staging, name), {})
+    _OPENED.move_to_end((staging, name))
+    while len(_OPENED) > _OPENED_GROUPS:
+        _OPENED.popitem(last=False)
+    missing = [v for v in variables if v not in arrays]
+    if missing:
+        group = await open_group(StagingStore(staging), path=name, mode="r+", zarr_format=3)
+        arrays.update(zip(missing, await asyncio.gather(*(group.getitem(v) for v in missing))))
+    return arrays
 
 
 def write_store(path: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,

@@ -170,10 +170,12 @@ def level_inputs(ds: xr.Dataset, level: str) -> xr.Dataset:
     """A node of :func:`flatnorm_dask.read_campaign` reduced to what a scaling level uses and the store keeps:
     ``background`` and ``weight`` (the statistic and its pixel count) and :data:`READING_VARIABLES`."""
     background, weight = solver_inputs(ds, level)
-    out = xr.Dataset({"background": background, "weight": weight,
-                      **{name: ds[name] for name in READING_VARIABLES if name in ds}}, attrs=ds.attrs)
-    # The amplifier names stay at detector level too: the cpFlatNormScales export lists expScale per amp.
-    return out.assign_coords(amp=ds["amp"])
+    variables = {"background": background.variable, "weight": weight.variable,
+                 **{name: ds[name].variable for name in READING_VARIABLES if name in ds}}
+    # From variables and the node's coordinates, which they share: no alignment of DataArrays (a reading task
+    # makes one of these per block).  The amplifier names stay at detector level too: the cpFlatNormScales
+    # export lists expScale per amp.
+    return xr.Dataset(variables, coords=ds.coords, attrs=ds.attrs)
 
 
 def scale_dataset(ds: xr.Dataset, fit: ScaleResult, level: str, attrs: dict[str, Any] | None = None) -> xr.Dataset:

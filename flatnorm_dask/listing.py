@@ -280,22 +280,24 @@ def _scan(root: str, items: Sequence[tuple[str, bool]], spec: _Fields, on_error:
     ``carried``: problems the client met while listing the top of the tree, passed on with this table.
     """
     paths: list[str] = []
-    fields: dict[str, list[str]] = {name: [] for name in spec.regex.groupindex}
+    matches: list[re.Match[str]] = []
     problems: list[dict[str, str]] = list(carried)
     stack = [(directory, recursive) for directory, recursive in reversed(items)]
+    fullmatch = spec.regex.fullmatch
     while stack:
         directory, recursive = stack.pop()
         names, subdirs = _list_directory(directory, on_error, problems)
         rel = os.path.relpath(directory, root)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        base = os.path.join(directory, "")  # + a name: os.path.join's path, without its cost for every file
         for name in names:
-            match = spec.regex.fullmatch(prefix + name)
+            match = fullmatch(prefix + name)
             if match:
-                paths.append(os.path.join(directory, name))
-                for key, value in match.groupdict().items():
-                    fields[key].append(value)
+                paths.append(base + name)
+                matches.append(match)
         if recursive:
             stack.extend((os.path.join(directory, d), True) for d in sorted(subdirs, reverse=True))
+    fields = {key: [match[key] for match in matches] for key in spec.regex.groupindex}
     table = _ids_from_fields(fields, paths, spec) if paths else FileTable.concat([])
     return FileTable(table.path, table.exposure, table.detector, table.physical_filter, tuple(problems))
 

@@ -197,8 +197,12 @@ class InputConfig:
         "Masked files are listed in the store's problems attribute.",
         choices=ON_ERROR)
     batch_size: int = _option(
-        1000, "int", "Files parsed per Dask task.",
-        "Larger batches cost less scheduling, smaller ones balance better.",
+        4000, "int", "Files parsed per Dask task.",
+        "A task reads all the detectors of a run of exposures (batch_size // detectors of them), and its block "
+        "is a chunk of the store's inputs.  Each task costs about 30 ms of CPU besides parsing its files (making, "
+        "writing and checking its block, and scheduling it), measured on LSSTCam files of about 125 us each: "
+        "6% of a task of 4,000 files, 25% of one of 1,000.  Smaller batches balance better when a run has few "
+        "tasks for its workers, and hold less memory per task.",
         minimum=1)
     max_file_bytes: int = _option(
         MAX_FILE_BYTES, "int", "Largest statistics file read, in bytes; a larger one is a bad file.",

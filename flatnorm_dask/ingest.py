@@ -18,8 +18,8 @@ A cell's ``status`` says what happened to it (see :data:`STATUS`).  With ``on_er
 its cell, and its ``reason`` says why; :func:`problems` lists them.  Each cell also records the file read
 (``file``) and its identity when read (``file_size``, ``file_mtime_ns``).
 
-Only numpy, the standard library and the statistics reader are imported at load time: the tasks run this
-module's functions on the workers.
+Only numpy, the standard library, the statistics reader and the config schema (for its defaults) are imported
+at load time: the tasks run this module's functions on the workers.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .bounded import MAX_FILE_BYTES
+from .config import InputConfig
 from .formats import StatsReader
 from .listing import (
     AMP_SAMPLE,
@@ -455,7 +456,7 @@ def list_campaign(
     on_error: str = "raise",
     *,
     camera: Any = None,
-    batch_size: int = 1000,
+    batch_size: int = InputConfig.batch_size,
     files: Any = None,
     files_from: str = "file table",
     select: tuple[str, str] | None = None,
@@ -508,7 +509,7 @@ def read_campaign(
     on_error: str = "raise",
     *,
     camera: Any = None,
-    batch_size: int = 1000,
+    batch_size: int = InputConfig.batch_size,
     files: Any = None,
     select: tuple[str, str] | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,

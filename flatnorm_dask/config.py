@@ -411,9 +411,9 @@ class ClusterConfig:
         "profiler, a 20 ms event-loop tick and a 0.5 s system monitor in every server.",
         f"Off, a LocalCluster starts with {_settings_text(QUIET_DASK)}, "
         "unless the dask section or dask's own config sets one of them: the dashboard then has no Profile page "
-        "and coarser System plots, and the cores keep for reading what the samplers took (measured, an idle "
-        "2-worker cluster used 0.11 of a core with distributed's defaults, 0.02 without; a 56,700-file run, 1.5 "
-        "s of its 17 s of CPU).  Only for a LocalCluster: a running scheduler or a job queue keeps its own "
+        "and coarser System plots, and the cores keep for reading what the samplers took (measured on 2 cores, "
+        "an idle 2-worker cluster used 0.11 of a core with distributed's defaults, 0.02 without, and a "
+        "56,700-file run about 2 s less of its 15 s of CPU).  Only for a LocalCluster: a running scheduler or a job queue keeps its own "
         "settings.")
     local_min_files: int = _option(
         100_000, "int", "Fewest input files for which a run starts a LocalCluster; a smaller run reads and solves "

@@ -68,22 +68,33 @@ def held_files(version: Any) -> HeldFiles:
         The store predates the per-cell record of the files read (a store written before it cannot be appended
         to: every file would look new).
     """
-    from .store import StoreError, group_datasets, open_store
+    import zarr
 
-    tree = open_store(version)
+    from .store import StoreError, committed_store
+
+    # Read with zarr itself, not through xarray and dask: inside a task, a dask computation of the record would
+    # be a graph of its own on the cluster (several seconds for a large store).  The record's arrays are
+    # plain (no CF encoding), so the raw values are the ones xarray shows.
+    root = zarr.open_group(committed_store(version), mode="r", zarr_format=3)
     out: dict[str, dict[str, np.ndarray]] = {"detectors": {}, "exposures": {}, "path": {}, "size": {},
                                              "mtime_ns": {}}
-    for name, ds in group_datasets(tree).items():
-        missing = [v for v in FILE_RECORD if v not in ds]
+    for name, group in root.groups():
+        arrays = set(group.array_keys())
+        missing = [v for v in FILE_RECORD if v not in arrays]
         if missing:
             raise StoreError(f"{version.store}: group {name} has no record of the files it read ({', '.join(missing)}"
                              "): written by an older flatnorm; run it again without --append")
-        ds = ds[list(FILE_RECORD)].transpose("detector", "exposure").load()
-        out["detectors"][name] = ds["detector"].values
-        out["exposures"][name] = ds["exposure"].values
-        path, size, mtime = (ds[v].values for v in FILE_RECORD)
+        out["detectors"][name] = group["detector"][...]
+        out["exposures"][name] = group["exposure"][...]
+        path, size, mtime = (_detector_by_exposure(group[v]) for v in FILE_RECORD)
         out["path"][name], out["size"][name], out["mtime_ns"][name] = path.astype(object), size, mtime
     return HeldFiles(**out)
+
+
+def _detector_by_exposure(array: Any) -> np.ndarray:
+    """A (detector, exposure) array of a store's group, read whole in that order of dimensions."""
+    dims = tuple(array.metadata.dimension_names)
+    return np.transpose(array[...], [dims.index("detector"), dims.index("exposure")])
 
 
 @dataclass(frozen=True)

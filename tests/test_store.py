@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -18,19 +19,27 @@ from dask.delayed import Delayed
 
 from flatnorm_dask.store import (
     COMMIT_ATTR,
+    DamagedStoreError,
     IncompleteStoreError,
+    StagingStore,
     StoreError,
     StoreExistsError,
+    StoreVersion,
     commit_store,
+    committed_store,
+    current_version,
     export_scales,
     group_datasets,
     is_complete,
+    link_chunks,
     open_store,
     prepare_store,
     read_commit,
     store_summary,
     store_transaction,
+    verify_store,
     write_groups,
+    write_region,
     write_scales_yaml,
     write_store,
 )
@@ -423,3 +432,81 @@ def test_export_needs_amp_names(tmp_path):
     path = write_store(tmp_path / "s.zarr", {"all": make_group("DETECTOR").drop_vars("amp")})
     with pytest.raises(StoreError, match="amp coordinate"):
         export_scales(path)
+
+
+# ------------------------------------------------------------------------------------------ linked chunks
+
+
+def grown_store(tmp_path: Path, chunks: dict | None = None) -> tuple[Path, StoreVersion, xr.Dataset, Path]:
+    """A store of 9 exposures in chunks of 3, and a staging directory laid out for the same group grown to 12
+    (``chunks`` for its chunks) as an append lays it out: metadata and coordinates, no chunk yet."""
+    grown = make_group(n_exp=12, chunks={"exposure": 3})
+    grown = grown.assign_coords(obs_id=grown["obs_id"].compute())
+    store = write_store(tmp_path / "s.zarr", {"r_57": grown.isel(exposure=slice(0, 9))})
+    base = current_version(store)
+    staging = prepare_store(store, expect_version=base.id)
+    write_groups(staging, {"r_57": grown.chunk(chunks) if chunks else grown})
+    return store, base, grown, staging
+
+
+CHUNKED = ("exp_scale", "det_scale", "background", "weight", "model", "residual", "used", "exp_scale_err")
+
+
+def test_linked_chunks_are_the_committed_files_and_never_written_through(tmp_path):
+    store, base, grown, staging = grown_store(tmp_path)
+    before = snapshot(base.path)
+    n = link_chunks(committed_store(base), staging, "r_57", CHUNKED, [{"exposure": j} for j in range(3)])
+    # 3 chunks of each per-exposure array (the cells' hold every detector and amplifier), det_scale's one chunk.
+    assert n == 3 * 7 + 1
+    for key in ("background/c/0/0/2", "exp_scale/c/1", "det_scale/c/0/0"):
+        assert os.path.samefile(staging / "r_57" / key, base.path / "r_57" / key)
+    # The last chunk is written, det_scale (linked) again with other values: its file is replaced, never
+    # written into (it is the committed version's file too).
+    block = grown.isel(exposure=slice(9, 12)).load()
+    block["det_scale"] = block["det_scale"] * 2
+    write_region(staging, "r_57", block[list(CHUNKED)], {"exposure": slice(9, 12)})
+    assert not os.path.samefile(staging / "r_57" / "det_scale/c/0/0", base.path / "r_57" / "det_scale/c/0/0")
+    version = commit_store(staging, store, expect_version=base.id)
+    assert snapshot(base.path) == before  # the committed version, byte for byte
+    assert verify_store(base) and verify_store(version)
+    expected = grown.load().assign(det_scale=grown["det_scale"] * 2)
+    xr.testing.assert_equal(open_store(store)["r_57"].to_dataset().load(), expected)
+    xr.testing.assert_equal(open_store(base)["r_57"].to_dataset().load(), grown.isel(exposure=slice(0, 9)))
+    assert os.path.samefile(version.path / "r_57" / "model/c/0/0/1", base.path / "r_57" / "model/c/0/0/1")
+
+
+def test_chunks_are_copied_where_the_file_system_cannot_link_them(tmp_path, monkeypatch):
+    store, base, grown, staging = grown_store(tmp_path)
+
+    def cannot(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(source), None, str(target))
+
+    monkeypatch.setattr(os, "link", cannot)
+    assert link_chunks(committed_store(base), staging, "r_57", CHUNKED) == 3 * 7 + 1
+    key = "r_57/background/c/0/0/1"
+    assert not os.path.samefile(staging / key, base.path / key)
+    assert (staging / key).read_bytes() == (base.path / key).read_bytes()
+    monkeypatch.undo()
+    write_region(staging, "r_57", grown.isel(exposure=slice(9, 12)).load()[list(CHUNKED)], {"exposure": slice(9, 12)})
+    commit_store(staging, store, expect_version=base.id)
+    xr.testing.assert_equal(open_store(store)["r_57"].to_dataset().load(), grown.load())
+
+
+@pytest.mark.parametrize("change", ["chunks", "attrs"])
+def test_chunks_of_another_layout_are_never_linked(tmp_path, change):
+    """Staged arrays laid out otherwise (other chunks, or attributes that decode the values otherwise): chunk
+    files of the store would not hold the same values; nothing is linked."""
+    store, base, grown, staging = (grown_store(tmp_path, {"exposure": 4}) if change == "chunks" else
+                                   grown_store(tmp_path))
+    if change == "attrs":  # as a staged array with another fill value would say
+        array = zarr.open_array(StagingStore(staging), path="r_57/background", mode="r+")
+        array.attrs["_FillValue"] = -1.0
+    assert link_chunks(committed_store(base), staging, "r_57", CHUNKED) is None
+    assert not [v for v in CHUNKED if (staging / "r_57" / v / "c").exists()]
+
+
+def test_linking_from_a_damaged_store_names_the_missing_chunk(tmp_path):
+    store, base, grown, staging = grown_store(tmp_path)
+    (base.path / "r_57" / "weight" / "c" / "0" / "0" / "1").unlink()
+    with pytest.raises(DamagedStoreError, match=f"^{store}: damaged store: r_57/weight/c/0/0/1 is missing"):
+        link_chunks(committed_store(base), staging, "r_57", CHUNKED)

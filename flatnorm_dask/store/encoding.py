@@ -2,7 +2,8 @@
 
 :func:`write_groups` writes every group's metadata (and its in-memory arrays) into a staging directory of
 :mod:`flatnorm_dask.store.transaction` and returns the Dask tasks that write the chunked arrays, for the
-caller to compute on its cluster; :func:`append_variables` adds variables to a group already written.
+caller to compute on its cluster; :func:`append_variables` adds variables to a group already written;
+:func:`link_chunks` gives a group chunks of a committed version as they are (hard links: an append).
 :func:`write_store` does all of it in one transaction.
 
 Layout of a group (built by the caller; written as given): ``exp_scale`` (exposure), ``det_scale``
@@ -15,18 +16,20 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import itertools
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from .read import group_datasets
+from .read import CommittedStore, group_datasets
 from .transaction import COMMIT_ATTR, StagingStore, StoreError, store_transaction
 
-__all__ = ["append_variables", "write_groups", "write_region", "write_store"]
+__all__ = ["append_variables", "link_chunks", "write_groups", "write_region", "write_store"]
 
 _STRING_DTYPE = np.dtypes.StringDType() if hasattr(np.dtypes, "StringDType") else object  # numpy < 2: object
 
@@ -153,7 +156,8 @@ def append_variables(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> A
     store = StagingStore(staging)
     group = zarr.open_group(store, path=name, mode="r+", zarr_format=3)
     ready = _zarr_ready(ds.assign_attrs({**dict(group.attrs), **ds.attrs}), name)
-    existing = [v for v in ready.data_vars if v in set(group.array_keys())]
+    written = set(group.array_keys())
+    existing = [v for v in ready.data_vars if v in written]
     if existing:
         raise StoreError(f"{staging}/{name}: variables {existing} are already written")
     return ready.to_zarr(store, group=name, mode="a", compute=False, zarr_format=3, consolidated=False)
@@ -211,6 +215,89 @@ async def _opened_arrays(staging: str, name: str, variables: list[str]) -> dict[
         group = await open_group(StagingStore(staging), path=name, mode="r+", zarr_format=3)
         arrays.update(zip(missing, await asyncio.gather(*(group.getitem(v) for v in missing))))
     return arrays
+
+
+#: What an array's metadata (its ``zarr.json``) may differ in for another array's chunk files to decode to the
+#: same values in it: its shape (grown by an append).
+_LAYOUT_FREE = ("shape",)
+
+
+def _array_metadata(file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(file.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def link_chunks(source: CommittedStore, staging: str | os.PathLike, name: str, variables: Iterable[str],
+                chunks: Iterable[Mapping[str, int]] | None = None, *, same_shape: bool = False) -> int | None:
+    """Give arrays of group ``name`` of a staging store chunks of a committed version as they are: its files,
+    hard-linked (copied where the file system cannot link them), instead of decoding and encoding them again.
+
+    The staged arrays must have been laid out (by :func:`write_groups`) with the version's metadata, shape apart
+    (``same_shape``: shape too): same data type, chunk grid, chunk keys, codecs, fill value and attributes, so
+    that each chunk file decodes to the same values.  A committed version never changes, and the staging store
+    never writes into a file it holds (:class:`flatnorm_dask.store.transaction.StagingStore`): a linked file
+    stays the version's, byte for byte.
+
+    Parameters
+    ----------
+    source : CommittedStore
+        The committed version (:func:`flatnorm_dask.store.committed_store`).
+    staging : path-like
+        The staging directory.
+    name : str
+        The group, in both.
+    variables : iterable of str
+        The arrays whose chunks are linked.
+    chunks : iterable of mappings of str to int, optional
+        The chunks to link, each as chunk indices by dimension name (every chunk along a dimension it does not
+        name); all the chunks of each array when not given.
+    same_shape : bool
+        Whether the arrays' shapes must be the version's too.
+
+    Returns
+    -------
+    int or None
+        The number of files linked (a chunk of fill values only has no file, in either store); None, with
+        nothing linked, when an array is missing in either store or laid out otherwise.
+
+    Raises
+    ------
+    DamagedStoreError
+        The version lacks a chunk file its commit manifest lists.
+    """
+    import zarr
+
+    name = _check_group_name(name)
+    store = StagingStore(staging)
+    ignored = () if same_shape else _LAYOUT_FREE
+    arrays = {}
+    for var in variables:
+        key = f"{name}/{var}/zarr.json"
+        staged, stored = _array_metadata(Path(staging) / key), _array_metadata(source.file_of(key))
+        if staged is None or stored is None or \
+                {k: v for k, v in staged.items() if k not in ignored} != {k: v for k, v in stored.items()
+                                                                          if k not in ignored}:
+            return None
+        arrays[var] = zarr.open_array(store, path=f"{name}/{var}", mode="r", zarr_format=3).metadata
+    selections = [{}] if chunks is None else list(chunks)
+    n = 0
+    for var, meta in arrays.items():
+        counts = [-(-size // chunk) for size, chunk in zip(meta.shape, meta.chunks)]
+        dims = meta.dimension_names or (None,) * len(counts)
+        # An array without some of the dimensions selected on is linked once per chunk, however many ask.
+        coords = dict.fromkeys(itertools.chain.from_iterable(
+            itertools.product(*[[selection[dim]] if dim in selection else range(count)
+                                for dim, count in zip(dims, counts)])
+            for selection in selections))
+        for chunk in coords:
+            key = f"{name}/{var}/{meta.encode_chunk_key(chunk)}"
+            if store.link(key, source.file_of(key)):
+                n += 1
+            else:
+                source.check_missing(key)
+    return n
 
 
 def write_store(path: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,

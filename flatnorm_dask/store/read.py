@@ -142,6 +142,16 @@ class CommittedStore(WrapperStore):
                 raise DamagedStoreError(f"{self._name}: damaged store: {key} is missing (its commit manifest lists "
                                         "it)")
 
+    def file_of(self, key: str) -> Path:
+        """The file of ``key`` in this version's directory (which may lack it: see :meth:`check_missing`)."""
+        return Path(self._store.root) / key
+
+    def check_missing(self, key: str) -> None:
+        """For a key this version's directory lacks: raise as a read of it would (its manifest lists it, or the
+        version was deleted or replaced since it was opened); return for a key never written (a chunk holding
+        only the fill value)."""
+        self._check(key, True)
+
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
                   ) -> Buffer | None:
         value = await self._store.get(key, prototype, byte_range)

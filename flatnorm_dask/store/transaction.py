@@ -104,6 +104,8 @@ _VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{12}$")
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 #: Staging directories older than this are reported by prepare_store (as left by a killed run).
 _STALE_SECONDS = 86400.0
+#: Why a hard link cannot be made where a copy can: another file system, one without hard links, too many links.
+_NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
 #: fsync calls in flight at once when a store is sealed.
 _FSYNC_THREADS = 32
 
@@ -499,22 +501,70 @@ class StagingStore(LocalStore):
         self._check_writable()
         self._put(key, value, False)
 
-    def _put(self, key: str, value: Any, exclusive: bool) -> None:
+    def _file_of(self, key: str) -> Path:
+        """The file of ``key``, its missing directories made."""
         # zarr makes every missing parent, the root too: checking the root first leaves a window in which
         # an abort renames it away and the write makes it again.  Here only directories below the root are
         # made, one at a time, so a write after the rename fails wherever it is.
         self._require_root()
         directory = self.root
+        for part in Path(key).parts[:-1]:
+            directory = directory / part
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir()
+        return self.root / key
+
+    def _put(self, key: str, value: Any, exclusive: bool) -> None:
+        data = value.as_buffer_like()
         try:
-            for part in Path(key).parts[:-1]:
-                directory = directory / part
-                with contextlib.suppress(FileExistsError):
-                    directory.mkdir()
-            with open(self.root / key, "xb" if exclusive else "wb") as file:
-                file.write(value.as_buffer_like())
+            path = self._file_of(key)
+            try:
+                with open(path, "xb") as file:  # the usual case: a new key
+                    file.write(data)
+                return
+            except FileExistsError:
+                if exclusive:
+                    raise
+            # A key written again gets a new file, renamed over the old one: never written in place, for the
+            # old file may be a hard link to a committed version's (see link).
+            partial = path.with_name(f"{path.name}.{_PARTIAL}-{uuid.uuid4().hex[:12]}")
+            try:
+                with open(partial, "xb") as file:
+                    file.write(data)
+                os.replace(partial, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+                raise
         except FileNotFoundError:
             self._require_root()  # the root went away meanwhile: say so
             raise
+
+    def link(self, key: str, source: str | os.PathLike) -> bool:
+        """Make ``key`` the file ``source`` (a chunk of a committed version, which never changes): a hard link,
+        or a copy where the file system cannot make one (another device, no hard links).  Returns False, and
+        makes nothing, when ``source`` does not exist.
+
+        A linked file is never written through: :meth:`_put` replaces a key's file rather than writing into it.
+        """
+        try:
+            try:
+                try:
+                    os.link(source, self.root / key)
+                except FileNotFoundError:
+                    if not os.path.lexists(source):
+                        return False
+                    os.link(source, self._file_of(key))  # its directory was not made yet (most are: tried first)
+            except OSError as err:
+                if isinstance(err, FileNotFoundError) or err.errno not in _NO_HARD_LINK:
+                    raise
+                shutil.copyfile(source, self._file_of(key))
+        except FileNotFoundError:
+            if not os.path.lexists(source):
+                return False
+            self._require_root()  # the root went away: say so
+            raise
+        return True
 
     def _ensure_open_sync(self) -> None:
         self._require_root()

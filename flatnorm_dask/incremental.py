@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from .ingest import ABSENT, FILE_RECORD, file_identity
+from .ingest import ABSENT, FILE_RECORD, _chunk_sizes, file_identity
 from .listing import FileTable
 
-__all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergeSpec", "PartReport", "StoredGroup", "held_files",
-           "merge_block", "merged_seen", "split_part", "vanished_files"]
+__all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergePlan", "MergeSpec", "PartReport", "StoredGroup",
+           "held_files", "merge_block", "merged_seen", "plan_merge", "split_part", "vanished_files"]
 
 #: Vanished files named in a run's summary and in the store's history (the counts are complete).
 NAMED_VANISHED = 20
@@ -197,6 +197,76 @@ class StoredGroup:
     name: str
     detectors: np.ndarray
     exposures: np.ndarray
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """How an append writes one filter's merged grid: its ids, its chunk sizes, the chunks it takes unchanged from
+    the store (``linked``: (detector chunk, exposure chunk) indices, for
+    :func:`flatnorm_dask.store.link_chunks`) and the blocks its merging tasks write (``blocks``: (detector,
+    exposure) index ranges of the grid, each a run of whole chunks)."""
+
+    detectors: np.ndarray
+    exposures: np.ndarray
+    det_chunk: int
+    exp_chunk: int
+    linked: tuple[tuple[int, int], ...]
+    blocks: tuple[tuple[slice, slice], ...]
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The chunk sizes along detector and along exposure."""
+        return _chunk_sizes(len(self.detectors), self.det_chunk), _chunk_sizes(len(self.exposures), self.exp_chunk)
+
+    def without_links(self, block_cells: int) -> MergePlan:
+        """The same grid with every chunk merged (when the store's chunks cannot be taken as they are)."""
+        return plan_merge(self.detectors, self.exposures, self.det_chunk, self.exp_chunk, block_cells=block_cells)
+
+
+def _same_ids(merged: np.ndarray, stored: np.ndarray, size: int) -> np.ndarray:
+    """Per chunk of ``size`` ids of the merged grid: whether the store's grid has the same ids at that chunk."""
+    n = -(-len(merged) // size)
+    return np.array([np.array_equal(merged[k * size:(k + 1) * size], stored[k * size:(k + 1) * size])
+                     for k in range(n)], dtype=bool)
+
+
+def _touched(merged: np.ndarray, read: np.ndarray, size: int) -> np.ndarray:
+    """Per chunk of ``size`` ids of the merged grid: whether it holds any id of the new reading's grid."""
+    hit = np.isin(merged, read)
+    return np.array([hit[k * size:(k + 1) * size].any() for k in range(-(-len(merged) // size))], dtype=bool)
+
+
+def plan_merge(detectors: np.ndarray, exposures: np.ndarray, det_chunk: int, exp_chunk: int, *,
+               stored: tuple[np.ndarray, np.ndarray] | None = None, read: tuple[np.ndarray, np.ndarray] | None = None,
+               block_cells: int) -> MergePlan:
+    """Plan the writing of a filter's merged grid (sorted ``detectors`` x ``exposures``) in chunks of ``det_chunk``
+    x ``exp_chunk`` cells.
+
+    With ``stored`` (the store's grid, chunked the same way) and ``read`` (the new reading's grid), a chunk is
+    linked from the store when it holds the same ids there and no cell of the new reading: its stored bytes are
+    then the merged chunk's.  That is every chunk but the last of each row when new exposures sort after the
+    store's (the usual append); an exposure that sorts among the stored ones shifts the chunks after it, which
+    are merged.  The other chunks are merged in blocks of about ``block_cells`` cells: runs of neighbouring
+    chunks along exposure.
+    """
+    n_rows, n_cols = -(-len(detectors) // det_chunk), -(-len(exposures) // exp_chunk)
+    linked = np.zeros((n_rows, n_cols), dtype=bool)
+    if stored is not None and read is not None:
+        same = np.outer(_same_ids(detectors, stored[0], det_chunk), _same_ids(exposures, stored[1], exp_chunk))
+        new = np.outer(_touched(detectors, read[0], det_chunk), _touched(exposures, read[1], exp_chunk))
+        linked = same & ~new
+    per_block = max(1, block_cells // (det_chunk * exp_chunk))
+    blocks = []
+    for i in range(n_rows):
+        rows = slice(i * det_chunk, min((i + 1) * det_chunk, len(detectors)))
+        todo = np.flatnonzero(~linked[i])
+        # Runs of neighbouring chunks, each cut into blocks of at most per_block chunks.
+        for run in np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1) if todo.size else ():
+            for start in range(0, len(run), per_block):
+                first, last = run[start], run[min(start + per_block, len(run)) - 1]
+                blocks.append((rows, slice(first * exp_chunk, min((last + 1) * exp_chunk, len(exposures)))))
+    return MergePlan(detectors, exposures, det_chunk, exp_chunk,
+                     tuple((int(i), int(j)) for i, j in zip(*np.nonzero(linked))), tuple(blocks))
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ from .config import Config, SolveConfig
 from .incremental import (
     ABSENT_FILL,
     NAMED_VANISHED,
+    MergePlan,
     MergeSpec,
     PartReport,
     StoredGroup,
     held_files,
     merge_block,
     merged_seen,
+    plan_merge,
     split_part,
     vanished_files,
 )
@@ -66,6 +68,7 @@ from .store import (
     exposures_left_out,
     group_datasets,
     history_entry,
+    link_chunks,
     open_store,
     read_commit,
     scales_yaml_paths,
@@ -593,21 +596,50 @@ class _Appender:
         return AppendReport(self.base.id, files, vanished, replaced, campaign.filters)
 
 
-#: (detector, exposure) cells per merging task of an append (and so per chunk of its merged groups): each task
-#: costs tens of milliseconds whatever its size, in copying and writing a block of a few MB a variable.
+#: (detector, exposure) cells per merging task of an append, and per chunk of a filter new to the store (a filter
+#: the store holds keeps its chunks): each task costs tens of milliseconds whatever its size, in copying and
+#: writing a block of a few MB a variable.
 MERGE_BLOCK_CELLS = 10_000
 
 
-def _merged_layout(name: str, old: xr.Dataset | None, new: xr.Dataset, batch_size: int) -> tuple[Grid, xr.Dataset]:
-    """The grid of a filter's merged inputs (the union of the store's and the new reading's) and its lazy
-    template, which :func:`flatnorm_dask.store.write_groups` lays out (metadata and coordinates only): the
-    merging tasks write the chunks, one block of about :data:`MERGE_BLOCK_CELLS` (or ``batch_size``) cells each."""
+def _stored_chunking(old: xr.Dataset, new: xr.Dataset) -> tuple[int, int] | None:
+    """The (detector, exposure) chunk sizes of a stored group's inputs, if they all have the same and hold every
+    amplifier in a chunk (as every run writes them); else None."""
+    found = set()
+    for name, var in new.data_vars.items():
+        chunks = old[name].encoding.get("chunks") if name in old and old[name].dims == var.dims else None
+        if chunks is None:
+            return None
+        sizes = dict(zip(var.dims, chunks))
+        if "amp" in sizes and sizes["amp"] != old.sizes["amp"]:
+            return None
+        found.add((sizes["detector"], sizes["exposure"]))
+    return found.pop() if len(found) == 1 else None
+
+
+def _merged_layout(name: str, old: xr.Dataset | None, new: xr.Dataset, batch_size: int
+                   ) -> tuple[MergePlan, xr.Dataset]:
+    """The plan of a filter's merged inputs (the union of the store's grid and the new reading's) and its lazy
+    template, which :func:`flatnorm_dask.store.write_groups` lays out (metadata and coordinates only).
+
+    A filter the store holds keeps the store's chunks, so that the chunks the new reading leaves alone are linked
+    from the store (:func:`flatnorm_dask.incremental.plan_merge`); a new one is chunked in blocks of about
+    :data:`MERGE_BLOCK_CELLS` (or ``batch_size``) cells.  The merging tasks write the other chunks.
+    """
     import dask.array as da
 
     union = {dim: np.union1d(old[dim].values, new[dim].values) if old is not None else new[dim].values
              for dim in ("detector", "exposure")}
-    grid = Grid(name, union["detector"], union["exposure"], 0, max(batch_size, MERGE_BLOCK_CELLS))
-    det_chunks, exp_chunks = grid.chunks
+    stored = _stored_chunking(old, new) if old is not None else None
+    if stored is None:
+        grid = Grid(name, union["detector"], union["exposure"], 0, max(batch_size, MERGE_BLOCK_CELLS))
+        plan = plan_merge(union["detector"], union["exposure"], grid.det_chunk, grid.exp_chunk,
+                          block_cells=MERGE_BLOCK_CELLS)
+    else:
+        plan = plan_merge(union["detector"], union["exposure"], *stored, block_cells=MERGE_BLOCK_CELLS,
+                          stored=(old["detector"].values, old["exposure"].values),
+                          read=(new["detector"].values, new["exposure"].values))
+    det_chunks, exp_chunks = plan.chunks
     chunks = {"detector": det_chunks, "amp": (new.sizes["amp"],), "exposure": exp_chunks}
     sizes = {"detector": len(union["detector"]), "amp": new.sizes["amp"], "exposure": len(union["exposure"])}
     template = xr.Dataset(
@@ -621,7 +653,7 @@ def _merged_layout(name: str, old: xr.Dataset | None, new: xr.Dataset, batch_siz
     if named:
         template.coords["detector_name"] = ("detector", np.array([named.get(int(d), "") for d in union["detector"]],
                                                                  dtype=object))
-    return grid, template
+    return plan, template
 
 
 def _merge_and_write(staging: str, level: str, spec: MergeSpec, old: StoredGroup | None,
@@ -638,9 +670,9 @@ def _level_block(level: str, name: str, block: xr.Dataset, region: dict[str, sli
     return level_inputs(block, level)
 
 
-def _merge_tasks(campaign: Campaign, level: str, staging: Path, layouts: dict[str, tuple[Grid, xr.Dataset]],
+def _merge_tasks(campaign: Campaign, level: str, staging: Path, layouts: dict[str, tuple[MergePlan, xr.Dataset]],
                  old: dict[str, StoredGroup]) -> list[Any]:
-    """One task per block of each touched filter's merged grid, fed by the reading tasks whose blocks overlap it."""
+    """One task per block of each touched filter's merge plan, fed by the reading tasks whose blocks overlap it."""
     read = iter(campaign.blocks(functools.partial(_level_block, level)))
     blocks: dict[str, list[tuple[np.ndarray, np.ndarray, Any]]] = {}
     for grid in campaign.grids:  # campaign.blocks' order: per filter, its blocks row by row
@@ -651,21 +683,49 @@ def _merge_tasks(campaign: Campaign, level: str, staging: Path, layouts: dict[st
                                                      grid.exposures[e0:e0 + exp_chunks[j]], next(read)))
     merge = dask.delayed(_merge_and_write, pure=False)
     tasks = []
-    for name, (grid, template) in layouts.items():
+    for name, (plan, template) in layouts.items():
         variables = {v: (template[v].dims, template[v].dtype) for v in template.data_vars}
         amps = tuple(map(str, template["amp"].values))
-        det_chunks, exp_chunks = grid.chunks
-        for i, j in itertools.product(range(len(det_chunks)), range(len(exp_chunks))):
-            d0, e0 = i * grid.det_chunk, j * grid.exp_chunk
-            d1, e1 = d0 + det_chunks[i], e0 + exp_chunks[j]
-            dets, exps = grid.detectors[d0:d1], grid.exposures[e0:e1]
+        for rows, columns in plan.blocks:
+            dets, exps = plan.detectors[rows], plan.exposures[columns]
             # The reading's blocks whose id ranges overlap this block's (ids are sorted in both grids).
             feeding = [task for d, e, task in blocks[name]
                        if d[0] <= dets[-1] and d[-1] >= dets[0] and e[0] <= exps[-1] and e[-1] >= exps[0]]
-            spec = MergeSpec(name, dets, exps, amps, {"detector": slice(d0, d1), "exposure": slice(e0, e1)},
-                             variables)
+            spec = MergeSpec(name, dets, exps, amps, {"detector": rows, "exposure": columns}, variables)
             tasks.append(merge(str(staging), level, spec, old.get(name), *feeding))
     return tasks
+
+
+def _link_stored_chunks(base: StoreVersion, staging: Path, groups: dict[str, xr.Dataset],
+                        layouts: dict[str, tuple[MergePlan, xr.Dataset]], writes: dict[str, Any]) -> list[Any]:
+    """Link the store's chunks that an append keeps as they are into the staging store (see
+    :func:`flatnorm_dask.store.link_chunks`): every chunk of the filters it leaves alone, and those of its plan
+    in the others.  A group whose staged arrays are laid out otherwise than the store's is written in full:
+    returns the writes of the untouched filters that are still to be made, and replaces a touched filter's plan
+    by one that merges every chunk."""
+    source = committed_store(base)
+    left: list[Any] = []
+    linked = 0
+    for name, ds in groups.items():
+        if name in layouts:
+            plan, template = layouts[name]
+            if not plan.linked:
+                continue
+            n = link_chunks(source, staging, name, list(template.data_vars),
+                            [{"detector": i, "exposure": j} for i, j in plan.linked])
+            if n is None:
+                log.debug("%s: the store's chunks are laid out otherwise; all of them are merged", name)
+                layouts[name] = (plan.without_links(MERGE_BLOCK_CELLS), template)
+        else:
+            # Written by the staging store's layout as dask arrays: those are the ones to link.
+            chunked = [v for v, var in ds.variables.items() if var.chunks is not None]
+            n = link_chunks(source, staging, name, chunked, same_shape=True)
+            if n is None:
+                log.debug("%s: the store's chunks are laid out otherwise; the group is copied", name)
+                left.append(writes[name])
+        linked += n or 0
+    log.debug("linked %d chunk file(s) of %s", linked, base.store)
+    return left
 
 
 def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appender, staging: Path,
@@ -691,7 +751,7 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
            for name in campaign.filters}
     names = sorted({*base, *new})
     layouts = {name: _merged_layout(name, base.get(name), ds, inp.batch_size) for name, ds in new.items()}
-    groups = {name: layouts[name][1] if name in new else base[name] for name in names}  # untouched: copied whole
+    groups = {name: layouts[name][1] if name in new else base[name] for name in names}  # untouched: as stored
     attrs = dict(stored.attrs)
     history = [*continued_history(attrs.get(HISTORY_ATTR) or [], appender.base.id),
                history_entry("append", cfg.to_dict(), report.files, campaign.filters, based_on=appender.base.id,
@@ -703,10 +763,13 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
     writes = dict(zip(names, write_groups(staging, groups, root_attrs=root_attrs)))
     held = {name: StoredGroup(committed_store(appender.base), name, base[name]["detector"].values,
                               base[name]["exposure"].values) for name in new if name in base}
-    log.info("reading %d files and copying the store's cells into %s", report.files["read"], appender.base.store)
-    # The untouched filters' groups are copied as they are; the others merged block by block.
-    reports = _on_cluster([*(writes[name] for name in names if name not in new),
-                           *_merge_tasks(campaign, solve.level, staging, layouts, held)], show_progress, keep=False)
+    # The store's chunks that stay as they are are linked; the untouched filters' groups whole, unless laid out
+    # otherwise (then copied); the touched ones' other chunks merged block by block.
+    copies = _link_stored_chunks(appender.base, staging, groups, layouts, writes)
+    log.info("reading %d files and merging them with the store's cells into %s", report.files["read"],
+             appender.base.store)
+    reports = _on_cluster([*copies, *_merge_tasks(campaign, solve.level, staging, layouts, held)], show_progress,
+                          keep=False)
     campaign.release()
     found: dict[str, list] = {name: [] for name in new}
     counts = {name: np.zeros(len(STATUS), dtype=np.int64) for name in new}

@@ -395,3 +395,101 @@ def test_a_store_without_a_record_of_its_files_is_refused(small, tmp_path, capsy
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"flatnorm: error: {old}: group r_57 has no record of the files it read (file, file_size, file_mtime_ns): "
         "written by an older flatnorm; run it again without --append")
+
+
+# ------------------------------------------------------------------------------------------- chunks kept
+
+
+def test_plan_merge_links_the_chunks_that_keep_their_cells():
+    """Against a cell-by-cell account: a chunk is linked exactly when the store holds the same ids there and the new
+    reading has no cell in it; the blocks to merge cover every other chunk, once, in runs of whole chunks."""
+    from flatnorm_dask.incremental import plan_merge
+
+    def check(stored, read, expected_linked, block_cells=10_000):
+        (sd, se), (rd, re_) = stored, read
+        dets, exps = np.union1d(sd, rd), np.union1d(se, re_)
+        plan = plan_merge(dets, exps, 3, 2, stored=stored, read=read, block_cells=block_cells)
+        assert set(plan.linked) == expected_linked
+        owner = np.zeros((len(dets), len(exps)), dtype=int)  # how many times each cell is written or linked
+        for i, j in plan.linked:
+            owner[i * 3:(i + 1) * 3, j * 2:(j + 1) * 2] += 1
+            # Independent account: same ids at the chunk in both grids, and no cell of the new reading.
+            assert np.array_equal(dets[i * 3:(i + 1) * 3], sd[i * 3:(i + 1) * 3])
+            assert np.array_equal(exps[j * 2:(j + 1) * 2], se[j * 2:(j + 1) * 2])
+            assert not (np.isin(dets[i * 3:(i + 1) * 3], rd).any() and np.isin(exps[j * 2:(j + 1) * 2], re_).any())
+        for rows, columns in plan.blocks:
+            assert rows.start % 3 == 0 and columns.start % 2 == 0  # whole chunks
+            assert columns.stop % 2 == 0 or columns.stop == len(exps)
+            assert (columns.stop - columns.start) * (rows.stop - rows.start) <= max(block_cells, 6)
+            owner[rows, columns] += 1
+        assert (owner == 1).all()
+        return plan
+
+    dets, exps = np.arange(100, 107), np.arange(10, 19)  # 3 detector chunks (3, 3, 1) x 5 exposure chunks
+    # Two new exposures after the store's: the last, partial, exposure chunk gains cells; the others are linked.
+    plan = check((dets, exps), (dets, np.array([19, 20])), {(i, j) for i in range(3) for j in range(4)})
+    assert plan.blocks == ((slice(0, 3), slice(8, 11)), (slice(3, 6), slice(8, 11)), (slice(6, 7), slice(8, 11)))
+    # An exposure that sorts among the store's shifts every chunk from its own on.
+    gap = np.delete(exps, 3)
+    check((dets, gap), (dets, np.array([13])), {(i, 0) for i in range(3)})
+    # A file of one held cell read again (detector 104, exposure 15): only its chunk is merged.
+    check((dets, exps), (np.array([104]), np.array([15])), {(i, j) for i in range(3) for j in range(5)} - {(1, 2)})
+    # A new detector among the store's: the detector chunks from its own on are merged, whatever the exposure.
+    check((np.delete(dets, 4), exps), (np.array([104]), exps), {(0, j) for j in range(5)})
+    # Blocks of one chunk each: runs are cut.
+    plan = check((dets, gap), (dets, np.array([13])), {(i, 0) for i in range(3)}, block_cells=6)
+    assert len(plan.blocks) == 3 * 4
+
+
+def test_an_append_links_the_chunks_it_keeps_and_never_changes_the_version_it_read(tmp_path):
+    """Stored in chunks of 3 exposures (batch_size 15 over 5 detectors): r_57 gains 2 exposures after its 7 and one
+    of its files changes; g_6 gets nothing new.  The append equals a full run; the chunks it keeps are the
+    files of the version it read, which stays byte for byte as it was, and stays so when versions are
+    deleted."""
+    from flatnorm_dask.config import load_config
+    from flatnorm_dask.workflow import run as run_workflow
+
+    tree = simulated(n_detectors=5, n_exposures=9)
+    root, store, full = tmp_path / "in", tmp_path / "s.zarr", tmp_path / "full.zarr"
+    settings = {"input.root": str(root), "input.pattern": SIMPLE_PATTERN, "input.batch_size": 15,
+                "solve.level": "AMP", "solve.tol": TOL}
+
+    def run_with(**options):
+        return run_workflow(load_config(None, {**settings, **options}), show_progress=False)
+
+    write_cells(tree, root, exposure=slice(0, 7))
+    run_with(**{"output.store": str(store)})
+    base = current_version(store)
+    before = {p: p.read_bytes() for p in base.path.rglob("*") if p.is_file()}
+    write_cells(xr.DataTree.from_dict({"r_57": tree["r_57"]}), root, exposure=slice(7, 9))
+    changed = sorted((root / "r_57").rglob("*.yaml"))[0]  # exposure 0's first detector: its chunk is merged
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    run_with(**{"output.store": str(full)})
+    summary = run_with(**{"output.append": str(store)})
+    assert (summary.append.files["added"], summary.append.files["reread"]) == (10, 1)
+    assert_same_store(store, full)
+    new = current_version(store).path
+
+    def linked(group, variable):
+        """The chunk files of a variable that are the base version's own files."""
+        chunks = sorted((new / group / variable).rglob("c/**/*"))
+        return [str(p.relative_to(new / group / variable)) for p in chunks
+                if p.is_file() and (base.path / p.relative_to(new)).exists()
+                and os.path.samefile(p, base.path / p.relative_to(new))]
+
+    # g_6, untouched: every chunk of every variable, solver's outputs included.
+    for variable in ("background", "file", "model", "used", "det_scale", "exp_scale"):
+        stored = sorted(str(p.relative_to(base.path / "g_6" / variable))
+                        for p in (base.path / "g_6" / variable).rglob("c/**/*") if p.is_file())
+        assert stored and linked("g_6", variable) == stored, variable
+    # r_57: the inputs' middle exposure chunk only (the first holds the changed file, the last gained exposures);
+    # the solver's outputs are all new.
+    assert linked("r_57", "background") == ["c/0/0/1"] and linked("r_57", "file_mtime_ns") == ["c/0/1"]
+    assert linked("r_57", "model") == [] and linked("r_57", "exp_scale") == []
+    assert {p: p.read_bytes() for p in base.path.rglob("*") if p.is_file()} == before
+    assert verify_store(base)
+    # Every older version deleted: the files the new one links are still its own.
+    run_with(**{"output.append": str(store), "output.keep_versions": 0})
+    assert not base.path.exists() and verify_store(store)
+    assert_same_store(store, full)

@@ -12,13 +12,17 @@ by Dask), and only the files to read stay in it:
 - **replaced**: a cell the store holds from another path;
 - a cell listed more than once in a partition is read whole (so that the duplicate is found as a run finds it).
 
-The client receives only counts and the indices of the held cells that were listed (:class:`PartReport`):
-a held cell listed by no partition is a file that **vanished** from the inputs; its cells are kept.
+Each partition's :class:`PartReport` holds counts and the indices of the held cells it listed: a held cell
+listed by no partition is a file that **vanished** from the inputs (:func:`vanished_files`, a task); its cells
+are kept.  The client receives the counts, and only the first vanished files.
 
-Merging (:func:`merge_block`): each block of a filter's merged grid (the union of the store's grid and the new
-reading's) is made by one task from the store's cells, read with orthogonal selections through the committed
-version's store, and the reading tasks' blocks that overlap it; the cells the new reading read win.  No task
-rechunks or reindexes a whole filter, and each chunk of the merged group is written by exactly one task.
+Merging (:func:`plan_merge`, :func:`merge_block`): a filter the store holds keeps the store's chunks.  A chunk
+whose cells stay where they were and gain no new reading (every chunk but the last of each row when the new
+exposures sort after the store's) is linked from the version appended to, file for file
+(:func:`flatnorm_dask.store.link_chunks`); each block of the other chunks is made by one task from the store's
+cells, read with orthogonal selections through the committed version's store, and the reading tasks' blocks
+that overlap it; the cells the new reading read win.  No task rechunks or reindexes a whole filter, and each
+chunk of the merged group is linked or written exactly once.
 
 The store's record of a filter is held whole by the tasks that compare partitions with it: about 150 bytes a
 (detector, exposure) cell (its path, mostly).
@@ -38,7 +42,7 @@ from .ingest import ABSENT, FILE_RECORD, _chunk_sizes, file_identity
 from .listing import FileTable
 
 __all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergePlan", "MergeSpec", "PartReport", "StoredGroup",
-           "held_files", "merge_block", "merged_seen", "plan_merge", "split_part", "vanished_files"]
+           "held_files", "merge_block", "plan_merge", "split_part", "vanished_files"]
 
 #: Vanished files named in a run's summary and in the store's history (the counts are complete).
 NAMED_VANISHED = 20
@@ -156,15 +160,16 @@ def split_part(table: FileTable, held: HeldFiles) -> tuple[FileTable, PartReport
     return kept, PartReport(len(table), added, reread, replaced, seen, tuple(examples[:3]))
 
 
-def vanished_files(held: HeldFiles, seen: dict[str, np.ndarray]) -> tuple[int, list[dict[str, Any]], int]:
-    """How many held files no partition listed, the first :data:`NAMED_VANISHED` of them as ``{"file",
-    "physical_filter", "detector", "exposure"}`` records, and how many files the store holds -- a task (the
-    paths stay on the worker but those)."""
+def vanished_files(held: HeldFiles, reports: Sequence[PartReport]) -> tuple[int, list[dict[str, Any]], int]:
+    """How many held files no partition listed (the partitions' ``reports``), the first
+    :data:`NAMED_VANISHED` of them as ``{"file", "physical_filter", "detector", "exposure"}`` records, and how
+    many files the store holds -- a task (the paths stay on the worker but those)."""
     count, named, n_held = 0, [], 0
     for name, paths in held.path.items():
         n_held += int((paths != "").sum())
         listed = np.zeros(paths.size, dtype=bool)
-        listed[seen.get(name, np.empty(0, np.int64))] = True
+        for report in reports:
+            listed[report.seen.get(name, np.empty(0, np.int64))] = True
         gone = np.flatnonzero((paths.reshape(-1) != "") & ~listed)
         count += len(gone)
         for flat in gone[:max(0, NAMED_VANISHED - len(named))]:
@@ -172,12 +177,6 @@ def vanished_files(held: HeldFiles, seen: dict[str, np.ndarray]) -> tuple[int, l
             named.append({"file": str(paths[d, e]), "physical_filter": name, "detector": int(held.detectors[name][d]),
                           "exposure": int(held.exposures[name][e])})
     return count, named, n_held
-
-
-def merged_seen(reports: Sequence[PartReport]) -> dict[str, np.ndarray]:
-    """The held cells listed by any partition, per filter."""
-    names = {name for r in reports for name in r.seen}
-    return {name: np.unique(np.concatenate([r.seen[name] for r in reports if name in r.seen])) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------- merging

@@ -24,6 +24,7 @@ at load time: the tasks run this module's functions on the workers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -461,15 +462,18 @@ def list_campaign(
     files_from: str = "file table",
     select: tuple[str, str] | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
-    restrict: Callable[[list[Any]], tuple[list[Any], int]] | None = None,
+    restrict: Callable[[list[Any], Callable[[Any], PartSummary]], tuple[list[Any], list[PartSummary], int]]
+    | None = None,
 ) -> Campaign:
     """List a campaign's files (by Dask tasks, on the active scheduler) and lay out their reading.
 
     The arguments are :func:`read_campaign`'s; nothing is read yet but a sample of files for their amplifier
     names.  ``files_from`` names a file table in messages (a butler repository, say).  ``restrict`` keeps
     only some of the files listed: given the listing's partitions (Delayed :class:`FileTable` s, on the
-    workers), it returns the partitions to read and how many files were listed; when it keeps none of them,
-    the Campaign is empty (no filter) rather than an error (an append with nothing new to read).
+    workers) and the function that summarises a partition (:func:`flatnorm_dask.listing.summarise`, for its
+    tasks), it returns the partitions to read, their summaries and how many files were listed (summarised in
+    the same computation as its own work: one wait for the workers); when it keeps none of them, the Campaign is
+    empty (no filter) rather than an error (an append with nothing new to read).
     """
     import dask
 
@@ -480,10 +484,12 @@ def list_campaign(
     source = input_source(root, pattern, manifest, camera, files, files_from=files_from, select=select)
     parts = source.partitions(on_error)
     parts = list(dask.persist(*parts)) if parts else []
-    n_found = None
-    if restrict is not None:
-        parts, n_found = restrict(parts)
-    summaries = list(dask.compute(*[dask.delayed(summarise, pure=False)(p, max_file_bytes) for p in parts]))
+    summarise_part = functools.partial(summarise, max_file_bytes=max_file_bytes)
+    if restrict is None:
+        n_found = None
+        summaries = list(dask.compute(*[dask.delayed(summarise_part, pure=False)(p) for p in parts]))
+    else:
+        parts, summaries, n_found = restrict(parts, summarise_part)
     log.debug("listed %d files in %d partitions", sum(n for s in summaries for n in s.n_files.values()), len(parts))
     listing = [p for s in summaries for p in s.problems]
     grids = _grids(summaries, batch_size)

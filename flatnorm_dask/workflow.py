@@ -36,7 +36,6 @@ from .incremental import (
     StoredGroup,
     held_files,
     merge_block,
-    merged_seen,
     plan_merge,
     split_part,
     vanished_files,
@@ -573,22 +572,27 @@ class _Appender:
     def __init__(self, base: StoreVersion):
         self.base = base
         self.groups = list((read_commit(base.path) or {}).get("groups", []))
-        self.held: Any = None
         self.reports: list[PartReport] = []
+        self.vanished: tuple[int, list[dict[str, Any]], int] = (0, [], 0)
 
-    def restrict(self, parts: list[Any]) -> tuple[list[Any], int]:
+    def restrict(self, parts: list[Any], summarise: Callable[[Any], Any]) -> tuple[list[Any], list[Any], int]:
         from operator import getitem
 
-        # Read once, by a task; Dask ships it to the tasks that compare the partitions with it.
-        (self.held,) = dask.persist(dask.delayed(held_files, pure=False)(self.base))
-        split = dask.persist(*[dask.delayed(split_part, pure=False)(part, self.held) for part in parts])
-        self.reports = list(dask.compute(*[dask.delayed(getitem)(s, 1) for s in split]))
+        # The store's record is read once, by a task; Dask ships it to the tasks that compare the partitions
+        # with it.  Persisted step by step (each step's results stay on the workers, and dask's own schedulers
+        # compute nothing twice); a cluster runs them all before the one wait, for the reports, the summaries
+        # of the partitions to read and the files that vanished.
+        (held,) = dask.persist(dask.delayed(held_files, pure=False)(self.base))
+        split = dask.persist(*[dask.delayed(split_part, pure=False)(part, held) for part in parts])
         kept = list(dask.persist(*[dask.delayed(getitem)(s, 0) for s in split]))
-        return kept, sum(r.n_listed for r in self.reports)
+        reports = [dask.delayed(getitem)(s, 1) for s in split]
+        vanished = dask.delayed(vanished_files, pure=False)(held, reports)
+        summaries, self.reports, self.vanished = dask.compute(
+            [dask.delayed(summarise, pure=False)(part) for part in kept], reports, vanished)
+        return kept, list(summaries), sum(r.n_listed for r in self.reports)
 
     def report(self, campaign: Campaign) -> AppendReport:
-        n_vanished, vanished, n_held = dask.compute(
-            dask.delayed(vanished_files, pure=False)(self.held, merged_seen(self.reports)))[0]
+        n_vanished, vanished, n_held = self.vanished
         counts = {name: sum(getattr(r, name) for r in self.reports) for name in ("added", "reread", "replaced")}
         files = {"read": sum(campaign.n_files.values()), **counts, "vanished": n_vanished,
                  "kept": n_held - counts["reread"] - counts["replaced"]}

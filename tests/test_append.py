@@ -378,7 +378,7 @@ def test_split_part_sorts_listed_files_against_the_store(tmp_path):
     # dup_a is read again (its cell is listed twice), dup_b is "another path" for the same cell.
     assert (report.added, report.reread, report.replaced) == (3, 2, 2)
     assert report.replaced_examples[0] == (str(files["moved_old"]), str(files["moved_new"]))
-    n_vanished, named, n_held = vanished_files(held, report.seen)
+    n_vanished, named, n_held = vanished_files(held, [report])
     assert (n_vanished, n_held) == (1, 5) and named == [{"file": str(files["gone"]), "physical_filter": "r_57",
                                                          "detector": 20, "exposure": 200}]
 

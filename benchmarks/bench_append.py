@@ -13,14 +13,15 @@ LocalCluster (``--scheduler``), so that the cluster's start-up counts in neither
 3. ``flatnorm run`` over all the files writes a second store from nothing (timed): the full run the append
    replaces.
 
-Printed: both wall times and their ratio, the iterations of each solve (``--tol``), and the largest relative
-difference between the two stores' scales.  Files go under ``--dir`` (default ``/dev/shm``) and are removed
-after.  Timings on a shared machine vary from run to run: compare the ratio, measured in the same run.
+Printed: both wall times and their ratio, each run's phases (:data:`PHASES`, from its log), the iterations of
+each solve (``--tol``), and the largest relative difference between the two stores' scales.  Files go under
+``--dir`` (default ``/dev/shm``) and are removed after.  Timings on a shared machine vary from run to run: compare the ratio, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -37,16 +38,42 @@ from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_camp
 from flatnorm_dask.store import open_store, store_history  # noqa: E402
 
 TOL = 1e-10
+#: The command as ``python -m flatnorm_dask.cli`` runs it, with its DEBUG lines, which mark the ends of the
+#: phases, each stamped with the machine's monotonic clock (the command's own log says seconds, by the wall
+#: clock, which the system may step during a run).
+TIMED = """
+import logging, sys, time
+stamp = logging.getLogRecordFactory()
+def stamped(*args, **kwargs):
+    record = stamp(*args, **kwargs)
+    record.monotonic = time.monotonic()
+    return record
+logging.setLogRecordFactory(stamped)
+logging.basicConfig(level=logging.INFO, format="%(monotonic).3f %(name)s %(levelname)s: %(message)s")
+logging.getLogger("flatnorm_dask").setLevel(logging.DEBUG)
+from flatnorm_dask.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+#: A run's phases, each ending at the first log line whose message starts with its marker (the last one at the
+#: process's end).
+PHASES = (("start, imports, cluster", "Dask dashboard"), ("listing (append: and comparison)", "listed "),
+          ("layout (append: and links)", "reading "), ("reading (append: and merging)", "solving "),
+          ("solve", "solved and written"), ("commit, exit", None))
+_LINE = re.compile(r"^(\d+\.\d+) \S+ \w+: (.*)$")
 
 
-def flatnorm(*args: str) -> float:
-    """Wall seconds of ``flatnorm ARGS`` in a fresh process (which must succeed)."""
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "flatnorm_dask.cli", *args], capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+def flatnorm(*args: str) -> tuple[float, list[float]]:
+    """Wall seconds of ``flatnorm ARGS`` in a fresh process (which must succeed), and of each of its
+    :data:`PHASES`."""
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", TIMED, *args], capture_output=True, text=True)
+    elapsed = time.monotonic() - start
     if out.returncode != 0:
         raise SystemExit(f"flatnorm {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return elapsed
+    lines = [(float(m[1]) - start, m[2]) for m in map(_LINE.match, out.stderr.splitlines()) if m]
+    ends = [next((t for t, message in lines if message.startswith(marker)), np.nan) if marker else elapsed
+            for _, marker in PHASES]
+    return elapsed, list(np.diff([0.0, *ends]))
 
 
 def main() -> None:
@@ -71,12 +98,12 @@ def main() -> None:
             common = ["--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--tol", str(TOL),
                       "--no-progress", "--scheduler", cluster.scheduler_address]
             store, full = work / "appended.zarr", work / "full.zarr"
-            first = flatnorm("run", *common, "--output", str(store))
+            first, _ = flatnorm("run", *common, "--output", str(store))
             print(f"first run over {189 * n:,} files: {first:.1f} s")
             write_campaign(xr.DataTree.from_dict({"r_57": ds.isel(exposure=slice(n, n + new))}), root,
                            layout="simple")
-            t_append = flatnorm("run", *common, "--append", str(store))
-            t_full = flatnorm("run", *common, "--output", str(full))
+            t_append, p_append = flatnorm("run", *common, "--append", str(store))
+            t_full, p_full = flatnorm("run", *common, "--output", str(full))
         a, f = open_store(store)["r_57"], open_store(full)["r_57"]
         diff = max(float(np.nanmax(np.abs(a[v].values / f[v].values - 1))) for v in ("det_scale", "exp_scale"))
         files = store_history(store)[-1]["files"]
@@ -85,6 +112,9 @@ def main() -> None:
               f"{a.attrs['iterations']:>10}")
         print(f"{'full run over ' + str(n + new) + ' exposures':34} {189 * (n + new):>10,} {t_full:>9.1f} "
               f"{f.attrs['iterations']:>10}")
+        print(f"\n{'phase (s)':34} {'append':>9} {'full run':>9}")
+        for (phase, _), a_s, f_s in zip(PHASES, p_append, p_full):
+            print(f"{phase:34} {a_s:>9.1f} {f_s:>9.1f}")
         print(f"\nappend / full run: {t_append / t_full:.2f} ({t_full / t_append:.1f}x faster); largest relative "
               f"difference of G and E between the two stores: {diff:.1e} (tol {TOL:g})")
         print("(wall times of fresh processes on the same cluster; on a shared machine compare the ratio)")

@@ -72,6 +72,7 @@ from .store import (
     read_commit,
     scales_yaml_paths,
     store_transaction,
+    write_chunks,
     write_groups,
     write_region,
     write_scales_yaml,
@@ -483,7 +484,7 @@ def _read_solve_write(cfg: Config, campaign: Campaign, staging: Path, show_progr
                   HISTORY_ATTR: [history_entry("run", cfg.to_dict(), {"read": n_files, "added": n_files},
                                                campaign.filters)]}
     # Laid out from the lazy inputs (metadata and coordinates only): the reading tasks write the chunks.
-    write_groups(staging, inputs, root_attrs=root_attrs)
+    write_groups(staging, inputs, root_attrs=root_attrs, layout_only=True)
     size = {name: memory_bytes(ds["background"].shape, clipping=solve.clip_sigma is not None)
             for name, ds in inputs.items()}
     del tree, inputs
@@ -701,12 +702,12 @@ def _merge_tasks(campaign: Campaign, level: str, staging: Path, layouts: dict[st
 
 
 def _link_stored_chunks(base: StoreVersion, staging: Path, groups: dict[str, xr.Dataset],
-                        layouts: dict[str, tuple[MergePlan, xr.Dataset]], writes: dict[str, Any]) -> list[Any]:
-    """Link the store's chunks that an append keeps as they are into the staging store (see
-    :func:`flatnorm_dask.store.link_chunks`): every chunk of the filters it leaves alone, and those of its plan
-    in the others.  A group whose staged arrays are laid out otherwise than the store's is written in full:
-    returns the writes of the untouched filters that are still to be made, and replaces a touched filter's plan
-    by one that merges every chunk."""
+                        layouts: dict[str, tuple[MergePlan, xr.Dataset]]) -> list[Any]:
+    """Link the store's chunks that an append keeps as they are into the staging store (laid out by
+    :func:`flatnorm_dask.store.write_groups` with ``layout_only``; see :func:`flatnorm_dask.store.link_chunks`):
+    every chunk of the filters it leaves alone, and those of its plan in the others.  A group whose staged
+    arrays are laid out otherwise than the store's is written in full: returns the writes of the untouched
+    filters that are still to be made, and replaces a touched filter's plan by one that merges every chunk."""
     source = committed_store(base)
     left: list[Any] = []
     linked = 0
@@ -726,7 +727,7 @@ def _link_stored_chunks(base: StoreVersion, staging: Path, groups: dict[str, xr.
             n = link_chunks(source, staging, name, chunked, same_shape=True)
             if n is None:
                 log.debug("%s: the store's chunks are laid out otherwise; the group is copied", name)
-                left.append(writes[name])
+                left.append(write_chunks(staging, name, ds))
         linked += n or 0
     log.debug("linked %d chunk file(s) of %s", linked, base.store)
     return left
@@ -764,12 +765,12 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
                   "appended": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "filters": names,
                   "n_files": int(attrs.get("n_files", 0)) + report.files["added"],
                   "problems": [*(attrs.get("problems") or []), *campaign.problems], HISTORY_ATTR: history}
-    writes = dict(zip(names, write_groups(staging, groups, root_attrs=root_attrs)))
+    write_groups(staging, groups, root_attrs=root_attrs, layout_only=True)
     held = {name: StoredGroup(committed_store(appender.base), name, base[name]["detector"].values,
                               base[name]["exposure"].values) for name in new if name in base}
     # The store's chunks that stay as they are are linked; the untouched filters' groups whole, unless laid out
     # otherwise (then copied); the touched ones' other chunks merged block by block.
-    copies = _link_stored_chunks(appender.base, staging, groups, layouts, writes)
+    copies = _link_stored_chunks(appender.base, staging, groups, layouts)
     log.info("reading %d files and merging them with the store's cells into %s", report.files["read"],
              appender.base.store)
     reports = _on_cluster([*copies, *_merge_tasks(campaign, solve.level, staging, layouts, held)], show_progress,

@@ -38,6 +38,7 @@ from flatnorm_dask.store import (
     store_summary,
     store_transaction,
     verify_store,
+    write_chunks,
     write_groups,
     write_region,
     write_scales_yaml,
@@ -510,3 +511,21 @@ def test_linking_from_a_damaged_store_names_the_missing_chunk(tmp_path):
     (base.path / "r_57" / "weight" / "c" / "0" / "0" / "1").unlink()
     with pytest.raises(DamagedStoreError, match=f"^{store}: damaged store: r_57/weight/c/0/0/1 is missing"):
         link_chunks(committed_store(base), staging, "r_57", CHUNKED)
+
+
+def test_a_layout_only_write_is_the_layout_of_a_full_write(tmp_path):
+    """write_groups(layout_only) lays a lazy group out exactly as a full write does (every metadata file equal,
+    no chunk of its lazy variables written), and write_chunks then writes what the full write would have."""
+    ds = make_group(chunks={"exposure": 4})
+    full, laid = tmp_path / "full.zarr", tmp_path / "laid.zarr"
+    write_store(full, {"r_57": ds})
+    with store_transaction(laid) as txn:
+        assert write_groups(txn.staging, {"r_57": ds}, layout_only=True) == []
+        group = txn.staging / "r_57"
+        metadata = {str(p.relative_to(group)): p.read_bytes() for p in group.rglob("zarr.json")}
+        assert len(metadata) == 1 + len(ds.variables) and not (group / "background" / "c").exists()
+        written = current_version(full).path / "r_57"
+        assert metadata == {key: (written / key).read_bytes() for key in metadata}
+        dask.compute(write_chunks(txn.staging, "r_57", ds), scheduler="sync")
+    xr.testing.assert_identical(open_store(laid)["r_57"].to_dataset().load(),
+                                open_store(full)["r_57"].to_dataset().load())

@@ -29,7 +29,7 @@ import xarray as xr
 from .read import CommittedStore, group_datasets
 from .transaction import COMMIT_ATTR, StagingStore, StoreError, store_transaction
 
-__all__ = ["append_variables", "link_chunks", "write_groups", "write_region", "write_store"]
+__all__ = ["append_variables", "link_chunks", "write_chunks", "write_groups", "write_region", "write_store"]
 
 _STRING_DTYPE = np.dtypes.StringDType() if hasattr(np.dtypes, "StringDType") else object  # numpy < 2: object
 
@@ -62,8 +62,13 @@ def _jsonable(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
-def _zarr_ready(ds: xr.Dataset, name: str) -> xr.Dataset:
-    """A copy of ``ds`` that writes cleanly: strings as variable-length UTF-8, dask chunks on zarr chunks."""
+def _zarr_ready(ds: xr.Dataset, name: str, layout_only: bool = False) -> xr.Dataset:
+    """A copy of ``ds`` that writes cleanly: strings as variable-length UTF-8, dask chunks on zarr chunks.
+
+    ``layout_only``: the dask-backed variables are to be laid out (metadata), their chunks written by other
+    tasks: each becomes one dask chunk of nothing, with its zarr chunks in its encoding, so that the writes
+    xarray prepares (and nobody computes) are one task a variable, not one a chunk.
+    """
     ds = ds.copy()
     ds.attrs = _jsonable(dict(ds.attrs), f"group {name} attrs")
     replaced: dict[str, xr.Variable] = {}
@@ -88,7 +93,11 @@ def _zarr_ready(ds: xr.Dataset, name: str) -> xr.Dataset:
                     regular = False
                     first = max(dim_chunks)
                 sizes.append(max(first, 1))
-            if not regular:
+            if layout_only:
+                import dask.array as da
+
+                var = var.copy(deep=False, data=da.empty(var.shape, dtype=var.dtype, chunks=var.shape))
+            elif not regular:
                 var = var.chunk(dict(zip(var.dims, sizes)))
             chunks = tuple(sizes)
         var.encoding = {"chunks": chunks} if chunks else {}
@@ -106,7 +115,7 @@ def _check_group_name(name: Any) -> str:
 
 
 def write_groups(staging: str | os.PathLike, datasets: Mapping[str, xr.Dataset] | xr.DataTree, *,
-                 root_attrs: Mapping[str, Any] | None = None) -> list:
+                 root_attrs: Mapping[str, Any] | None = None, layout_only: bool = False) -> list:
     """Write the root and every group's metadata into ``staging``; return the delayed chunk writes.
 
     Parameters
@@ -118,12 +127,17 @@ def write_groups(staging: str | os.PathLike, datasets: Mapping[str, xr.Dataset] 
         Attributes must be JSON-serialisable after converting numpy scalars and arrays.
     root_attrs : mapping, optional
         Root attributes (config, versions, creation time...); ``flatnorm_commit`` is reserved.
+    layout_only : bool
+        Lay the dask-backed variables out (metadata, chunked as their dask chunks) without preparing their
+        writes, for tasks that write the chunks themselves (:func:`write_region`, :func:`link_chunks`,
+        :func:`write_chunks`): a large lazy Dataset is laid out in a fraction of the time.
 
     Returns
     -------
     list of dask.delayed.Delayed
-        One per group; compute them (on any scheduler whose workers see ``staging``) before
-        :func:`flatnorm_dask.store.commit_store`.  In-memory variables are already written when this returns.
+        One per group (none with ``layout_only``); compute them (on any scheduler whose workers see
+        ``staging``) before :func:`flatnorm_dask.store.commit_store`.  In-memory variables are already written
+        when this returns.
     """
     import zarr
 
@@ -138,9 +152,20 @@ def write_groups(staging: str | os.PathLike, datasets: Mapping[str, xr.Dataset] 
     groups = {_check_group_name(name): ds for name, ds in group_datasets(datasets).items()}
     store = StagingStore(staging)
     zarr.create_group(store, zarr_format=3, attributes=attrs)
-    return [_zarr_ready(ds, name).to_zarr(store, group=name, mode="w-", compute=False, zarr_format=3,
-                                          consolidated=False)
-            for name, ds in groups.items()]
+    writes = [_zarr_ready(ds, name, layout_only).to_zarr(store, group=name, mode="w-", compute=False, zarr_format=3,
+                                                         consolidated=False)
+              for name, ds in groups.items()]
+    return [] if layout_only else writes
+
+
+def write_chunks(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> Any:
+    """The delayed writes of the dask-backed variables of ``ds`` into group ``name`` of a staging store that
+    :func:`write_groups` laid out from it with ``layout_only``: what :func:`write_groups` would have returned
+    for it.  Compute them before :func:`flatnorm_dask.store.commit_store`."""
+    name = _check_group_name(name)
+    ready = _zarr_ready(ds, name)
+    return ready[[v for v in ready.data_vars if ready[v].chunks is not None]].to_zarr(
+        StagingStore(staging), group=name, mode="r+", compute=False, zarr_format=3, consolidated=False)
 
 
 def append_variables(staging: str | os.PathLike, name: str, ds: xr.Dataset) -> Any:

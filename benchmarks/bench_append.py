@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_append.py [--exposures 1000] [--new 10] [--workers 2] [--dir DIR]
+    python benchmarks/bench_append.py [--exposures 1000] [--new 10] [--workers 2] [--repeat 1] [--dir DIR]
 
 The campaign is LSSTCam-sized: 189 detectors x 16 amplifiers, one LSST PropertyList file per (detector,
 exposure), one physical filter.  Steps, each ``flatnorm run`` a fresh process joining the same 2-worker
@@ -13,14 +13,19 @@ LocalCluster (``--scheduler``), so that the cluster's start-up counts in neither
 3. ``flatnorm run`` over all the files writes a second store from nothing (timed): the full run the append
    replaces.
 
+With ``--repeat N``, steps 2 (on the store as step 1 left it) and 3 alternate N times, and the medians are
+printed, with the ratio of each repetition.
+
 Printed: both wall times and their ratio, each run's phases (:data:`PHASES`, from its log), the iterations of
 each solve (``--tol``), and the largest relative difference between the two stores' scales.  Files go under
-``--dir`` (default ``/dev/shm``) and are removed after.  Timings on a shared machine vary from run to run: compare the ratio, measured in the same run.
+``--dir`` (default ``/dev/shm``) and are removed after.  Timings on a shared machine vary from run to run:
+compare the ratio, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fresh  # noqa: E402
 
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign  # noqa: E402
-from flatnorm_dask.store import open_store, store_history  # noqa: E402
+from flatnorm_dask.store import open_store, remove_store, store_history  # noqa: E402
 
 TOL = 1e-10
 #: The command as ``python -m flatnorm_dask.cli`` runs it, with its DEBUG lines, which mark the ends of the
@@ -76,11 +81,26 @@ def flatnorm(*args: str) -> tuple[float, list[float]]:
     return elapsed, list(np.diff([0.0, *ends]))
 
 
+def copy_store(store: Path, into: Path) -> None:
+    """Copy a store (its pointer, versions and lock file) into a directory."""
+    into.mkdir(exist_ok=True)
+    for entry in store.parent.iterdir():
+        if entry.name in (store.name, f".{store.name}.versions", f".{store.name}.lock"):
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry), into / entry.name)
+            elif entry.is_dir():
+                shutil.copytree(entry, into / entry.name, symlinks=True)
+            else:
+                shutil.copy(entry, into / entry.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exposures", type=int, default=1000, help="exposures in the store appended to")
     parser.add_argument("--new", type=int, default=10, help="exposures appended")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="append and full run this many times, alternately (medians are printed)")
     fresh.add_arguments(parser)
     args = parser.parse_args()
     from distributed import LocalCluster
@@ -102,20 +122,34 @@ def main() -> None:
             print(f"first run over {189 * n:,} files: {first:.1f} s")
             write_campaign(xr.DataTree.from_dict({"r_57": ds.isel(exposure=slice(n, n + new))}), root,
                            layout="simple")
-            t_append, p_append = flatnorm("run", *common, "--append", str(store))
-            t_full, p_full = flatnorm("run", *common, "--output", str(full))
+            kept = work / "kept"  # the store as the first run left it, to append to again at each repetition
+            copy_store(store, kept)
+            t_append, p_append, t_full, p_full = [], [], [], []
+            for i in range(args.repeat):
+                if i:  # the store as it was, the full run's removed
+                    remove_store(store)
+                    remove_store(full)
+                    copy_store(kept / store.name, work)
+                for times, phases, target in ((t_append, p_append, ("--append", str(store))),
+                                              (t_full, p_full, ("--output", str(full)))):
+                    elapsed, each = flatnorm("run", *common, *target)
+                    times.append(elapsed)
+                    phases.append(each)
         a, f = open_store(store)["r_57"], open_store(full)["r_57"]
         diff = max(float(np.nanmax(np.abs(a[v].values / f[v].values - 1))) for v in ("det_scale", "exp_scale"))
         files = store_history(store)[-1]["files"]
+        t_a, t_f = float(np.median(t_append)), float(np.median(t_full))
         print(f"\n{'':34} {'files read':>10} {'wall (s)':>9} {'iterations':>10}")
-        print(f"{'append ' + str(new) + ' to ' + str(n) + ' exposures':34} {files['read']:>10,} {t_append:>9.1f} "
+        print(f"{'append ' + str(new) + ' to ' + str(n) + ' exposures':34} {files['read']:>10,} {t_a:>9.1f} "
               f"{a.attrs['iterations']:>10}")
-        print(f"{'full run over ' + str(n + new) + ' exposures':34} {189 * (n + new):>10,} {t_full:>9.1f} "
+        print(f"{'full run over ' + str(n + new) + ' exposures':34} {189 * (n + new):>10,} {t_f:>9.1f} "
               f"{f.attrs['iterations']:>10}")
         print(f"\n{'phase (s)':34} {'append':>9} {'full run':>9}")
-        for (phase, _), a_s, f_s in zip(PHASES, p_append, p_full):
-            print(f"{phase:34} {a_s:>9.1f} {f_s:>9.1f}")
-        print(f"\nappend / full run: {t_append / t_full:.2f} ({t_full / t_append:.1f}x faster); largest relative "
+        for k, (phase, _) in enumerate(PHASES):
+            print(f"{phase:34} {np.median([p[k] for p in p_append]):>9.1f} {np.median([p[k] for p in p_full]):>9.1f}")
+        if args.repeat > 1:
+            print(f"\nappend / full run, each repetition: {', '.join(f'{x / y:.2f}' for x, y in zip(t_append, t_full))}")
+        print(f"\nappend / full run: {t_a / t_f:.2f} ({t_f / t_a:.1f}x faster); largest relative "
               f"difference of G and E between the two stores: {diff:.1e} (tol {TOL:g})")
         print("(wall times of fresh processes on the same cluster; on a shared machine compare the ratio)")
     finally:

@@ -785,7 +785,8 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
             for name in new}
     solve_attrs = {name: {"problems": found[name], "n_files": int(counts[name].sum() - counts[name][ABSENT])}
                    for name in new}
-    initial = {name: base[name]["det_scale"].load() for name in new if name in base}
+    # Read here (a few kB), not by a round trip to the cluster.
+    initial = {name: base[name]["det_scale"].compute(scheduler=dask.local.get_sync) for name in new if name in base}
     solved = dict(zip(size, _solve_and_write(solve, staging, size, solve_attrs, initial, show_progress)))
     summaries = [solved.get(name) or _filter_summary(name, base[name]) for name in names]
     return summaries, report

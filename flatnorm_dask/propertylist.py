@@ -136,7 +136,8 @@ def _plain(indent: int, context: str, start: str | None = None) -> str:
     chars = _WORD_CHARS[context]
     follows = f"[{chars}#:]" if context == "block" else f"[{chars}#]"  # a non-space that may go on a word
     within = rf"(?:[{chars}#]|:(?={follows}))" if context == "block" else f"[{chars}#]"
-    word = rf"[{chars}]{within}*+"
+    # a word after a space starts as any character within a word does, but "#" (" #" begins a comment)
+    word = rf"(?:[{chars}]|:(?={follows})){within}*+" if context == "block" else rf"[{chars}]{within}*+"
     lead = "-?:" if context == "block" else "-"  # indicators only when a space follows
     first = start or rf"(?:{_PLAIN_START}|[{lead}](?={follows}))"
     return rf"{first}{within}*+(?: ++{word}|\n {{{indent}}}{word})*+"

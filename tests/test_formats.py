@@ -1030,6 +1030,8 @@ SHAPE_EDGES = {  # name -> (document, takes the fast path)
     "space hash": (_BLOCK_ITEM.format(name="A", typ="String", value="a #b", comment="''"), False),
     "block colon": (_BLOCK_ITEM.format(name="A", typ="String", value="a:b", comment="''"), True),
     "flow colon": (_FLOW_ITEM.format(name="A", typ="String", value="a:b", comment="''"), False),
+    "block word from a colon": (_BLOCK_ITEM.format(name="0 :0", typ="String", value="a :b", comment="''"), True),
+    "block colon space": (_BLOCK_ITEM.format(name="A", typ="String", value="a :: b", comment="''"), False),
     "block list": (_BLOCK_ITEM.format(name="A", typ="Int", value="- 1\n    - 2", comment="''"), True),
     "block list at 6": (_BLOCK_ITEM.format(name="A", typ="Int", value="- 1\n      - 2", comment="''"),
                         True),  # one element, "1 - 2": its second line continues the first, as YAML reads it

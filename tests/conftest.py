@@ -23,10 +23,18 @@ sys.dont_write_bytecode = False
 
 @pytest.fixture(scope="session")
 def dask_cluster():
-    """A LocalCluster of two single-threaded worker processes, shared by the whole session."""
+    """A LocalCluster of two single-threaded worker processes, shared by the whole session.
+
+    It starts as flatnorm starts its own (:data:`~flatnorm_dask.cluster.QUIET_DASK`: no profiler, slow ticks):
+    idle through most of the session, with distributed's defaults its processes took ~50 s of the suite's CPU.
+    """
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    from flatnorm_dask.cluster import QUIET_DASK
+
+    with dask.config.set(QUIET_DASK), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield cluster
 
 

@@ -24,14 +24,26 @@ DEFAULT = CONFIGS / "default.yaml"
 
 @pytest.fixture
 def clean_dask_env():
-    """No DASK_FLATNORM__* variable leaks in or out of a test; dask config re-read afterwards."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("DASK_FLATNORM")}
-    dask.config.refresh()
+    """No DASK_FLATNORM__* variable leaks in or out of a test; dask config re-read where it may have changed.
+
+    (A re-read parses every dask YAML file with pure-Python PyYAML, dask_jobqueue's among them: ~60 ms, so
+    not for the tests that leave the environment and dask's config as they found them.)
+    """
+    def flatnorm_env():
+        return {k: v for k, v in os.environ.items() if k.startswith("DASK_FLATNORM")}
+
+    saved = flatnorm_env()
+    for k in saved:
+        del os.environ[k]
+    if saved or dask.config.get("flatnorm", None) is not None:
+        dask.config.refresh()
     yield os.environ
-    for k in [k for k in os.environ if k.startswith("DASK_FLATNORM")]:
+    touched = flatnorm_env()
+    for k in touched:
         del os.environ[k]
     os.environ.update(saved)
-    dask.config.refresh()
+    if touched or saved or dask.config.get("flatnorm", None) is not None:
+        dask.config.refresh()
 
 
 def write(tmp_path: Path, text: str) -> Path:

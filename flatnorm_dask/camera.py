@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -162,7 +162,20 @@ def load_camera(name_or_path: str | os.PathLike = "lsstcam") -> Camera:
         If the file is missing or malformed; the message names the file, and the column and line where
         it can.
     """
-    name, source = _camera_file(name_or_path)
+    text = os.fspath(name_or_path)
+    if text.lower() in CAMERAS:
+        return _packaged_camera(text.lower())
+    return _read_camera(*_camera_file(text))
+
+
+@cache
+def _packaged_camera(name: str) -> Camera:
+    # Package data does not change while the process runs, and a Camera is immutable (its arrays are
+    # read-only): each is parsed once (~0.1 s for LSSTCam), not once a run, plot or simulation.
+    return _read_camera(*_camera_file(name))
+
+
+def _read_camera(name: str, source: Path | Traversable) -> Camera:
     where = str(source)
     try:
         with source.open("r", newline="") as f:

@@ -1,9 +1,14 @@
 """Shared by the tests: their data, PyYAML with the PropertyList tag (an independent reader/writer), the CLI
-run in the test's process and its error line."""
+run in the test's process or in a forked one, and its error line."""
 
+import atexit
 import contextlib
 import io
+import multiprocessing
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -49,6 +54,86 @@ def in_process(*args) -> subprocess.CompletedProcess:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+#: What a run imports, imported once by the fork server: each command forked from it starts in milliseconds
+#: instead of spending ~2 s of CPU importing xarray, dask, zarr and the package anew.
+_PRELOAD = ["flatnorm_dask.cli", "flatnorm_dask.workflow", "distributed"]
+_forks = None
+
+
+class Command:
+    """``flatnorm ARGS`` in a process of its own, forked from a server that has imported the package (a real
+    process: its own pid, session, signals, exit status and file descriptors), with the parts of
+    :class:`subprocess.Popen` the tests use.
+
+    Tests of the interpreter itself (its imports, the installed entry point) run ``python -m`` instead.
+    """
+
+    def __init__(self, args, env=None, stdout=None, stderr=None, new_session=False):
+        global _forks
+        if _forks is None:
+            _forks = multiprocessing.get_context("forkserver")
+            _forks.set_forkserver_preload(_PRELOAD)
+        self._out, self._err = stdout, stderr
+        self._process = _forks.Process(target=_command, daemon=False, args=(
+            [str(a) for a in args], {**os.environ, **(env or {})}, os.getcwd(), stdout and str(stdout),
+            stderr and str(stderr), new_session))
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode if not self._process.is_alive() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("flatnorm", timeout)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def output(self, timeout: float | None = None) -> tuple[str, str]:
+        """(stdout, stderr) once the command has ended (what it printed, from the files it was given)."""
+        self.wait(timeout)
+        return tuple(Path(f).read_text() if f else "" for f in (self._out, self._err))
+
+
+def _command(args, env, cwd, stdout, stderr, new_session):
+    """In the forked process: the state of a fresh ``python -m flatnorm_dask.cli ARGS`` that matters to a
+    run (environment, dask's config from it, directory, SIGINT as in a terminal, standard streams), then the
+    command, then what the interpreter does at exit."""
+    if new_session:
+        os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    import dask
+
+    dask.config.refresh()  # the server read it from its own environment
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd, path in ((1, stdout), (2, stderr)):
+        target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    from flatnorm_dask.cli import main
+
+    sys.argv = ["flatnorm", *args]
+    try:
+        code = main(args)
+    finally:
+        atexit._run_exitfuncs()  # the fork server's children end with os._exit, which skips them
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
 
 
 def error_line(result) -> str:

@@ -6,8 +6,6 @@ import io
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+from helpers import Command  # noqa: E402
 from flatnorm_dask import cli
 from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
 from flatnorm_dask.store import (
@@ -298,10 +297,8 @@ def test_a_killed_append_leaves_the_store_as_it_was(small, tmp_path):
     root, store, version = small
     flags = tmp_path / "flags"
     flags.mkdir()
-    env = {**os.environ, "FLATNORM_TEST_PAUSE": f"sealed@{flags}"}
-    proc = subprocess.Popen([sys.executable, "-m", "flatnorm_dask.cli", "run", "--input", str(root), "--pattern",
-                             SIMPLE_PATTERN, "--no-progress", "--level", "AMP", "--append", str(store)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Command(["run", "--input", root, "--pattern", SIMPLE_PATTERN, "--no-progress", "--level", "AMP",
+                    "--append", store], env={"FLATNORM_TEST_PAUSE": f"sealed@{flags}"})
     deadline = time.monotonic() + 120
     while not list(flags.glob("sealed.*")):
         assert proc.poll() is None and time.monotonic() < deadline

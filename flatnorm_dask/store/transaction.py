@@ -626,10 +626,12 @@ def _seal(staging: Path) -> None:
     """Make the staged store a complete version: flushed, consolidated, its manifest and, last, its record."""
     import zarr
 
-    with warnings.catch_warnings():
-        # zarr notes that consolidated metadata is not in the v3 spec yet; readers without it still work.
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(str(staging), zarr_format=3)
+    # zarr notes, at every consolidation, that consolidated metadata is not in the v3 spec yet (readers without
+    # it still work).  A narrow filter, added (or moved to the front) at each call, so that it also holds inside
+    # a caller's warnings.catch_warnings(); a catch_warnings() here would not be thread-safe, and commits run in
+    # threads of one process (a notebook, the tests).
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
+    zarr.consolidate_metadata(str(staging), zarr_format=3)
     keys = _seal_files(staging)
     # Listed before the manifest is written: zarr warns about a file it does not know in a group's listing.
     groups = sorted(zarr.open_group(str(staging), mode="r", use_consolidated=False).group_keys())

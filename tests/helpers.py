@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -65,20 +66,21 @@ _forks = None
 class Command:
     """``flatnorm ARGS`` in a process of its own, forked from a server that has imported the package (a real
     process: its own pid, session, signals, exit status and file descriptors), with the parts of
-    :class:`subprocess.Popen` the tests use.
+    :class:`subprocess.Popen` the tests use.  ``capture``: its standard output and error are kept (in files)
+    for :meth:`communicate`, else discarded.
 
     Tests of the interpreter itself (its imports, the installed entry point) run ``python -m`` instead.
     """
 
-    def __init__(self, args, env=None, stdout=None, stderr=None, new_session=False):
+    def __init__(self, args, env=None, capture=False, new_session=False):
         global _forks
         if _forks is None:
             _forks = multiprocessing.get_context("forkserver")
             _forks.set_forkserver_preload(_PRELOAD)
-        self._out, self._err = stdout, stderr
+        self.args = [str(a) for a in args]
+        self._files = [tempfile.mkstemp(prefix="flatnorm-command-")[1] for _ in "12"] if capture else [None] * 2
         self._process = _forks.Process(target=_command, daemon=False, args=(
-            [str(a) for a in args], {**os.environ, **(env or {})}, os.getcwd(), stdout and str(stdout),
-            stderr and str(stderr), new_session))
+            self.args, {**os.environ, **(env or {})}, os.getcwd(), *self._files, new_session))
         self._process.start()
         self.pid = self._process.pid
 
@@ -92,7 +94,7 @@ class Command:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired("flatnorm", timeout)
+            raise subprocess.TimeoutExpired(self.args, timeout)
         return self._process.exitcode
 
     def send_signal(self, sig: int) -> None:
@@ -101,10 +103,16 @@ class Command:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def output(self, timeout: float | None = None) -> tuple[str, str]:
-        """(stdout, stderr) once the command has ended (what it printed, from the files it was given)."""
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """(stdout, stderr), once the command has ended ("" where not captured)."""
         self.wait(timeout)
-        return tuple(Path(f).read_text() if f else "" for f in (self._out, self._err))
+        return tuple(Path(f).read_text() if f else "" for f in self._files)
+
+    def __del__(self):
+        for f in self._files:
+            if f:
+                with contextlib.suppress(OSError):
+                    os.unlink(f)
 
 
 def _command(args, env, cwd, stdout, stderr, new_session):

@@ -117,7 +117,7 @@ def file_identities(paths: Sequence[str]) -> np.ndarray:
     """(size, mtime_ns) of each local file, an (n, 2) int64 array, so that a later run can tell whether a file
     changed (:mod:`flatnorm_dask.incremental`); (-1, -1) for a URI or a file that cannot be stat'ed.
 
-    One stat a file, in one loop: the system call is most of the cost, and no Python object is kept per file.
+    One stat a file, in one loop (the system call is most of the cost).
     """
     sizes, mtimes = np.full(len(paths), -1, dtype=np.int64), np.full(len(paths), -1, dtype=np.int64)
     found, size, mtime = [], [], []

@@ -2,9 +2,10 @@
 
 A store records, per (detector, exposure) cell of each filter, the file read and its size and modification time
 when it was read (:data:`flatnorm_dask.workflow.READING_VARIABLES`).  An append lists its inputs as any run does
-(:func:`flatnorm_dask.ingest.list_campaign`, partitions that stay on the workers); here each partition is
-compared, in a task, with the store's record (:class:`HeldFiles`, read once by a task and shipped to the others
-by Dask), and only the files to read stay in it:
+(:func:`flatnorm_dask.ingest.list_campaign`, partitions that stay on the workers; a pattern scan's tasks stat
+the files they find in the same pass); here each partition is compared, in a task, with the store's record
+(:class:`HeldFiles`, read once by a task and shipped to the others by Dask), and only the files to read stay in
+it:
 
 - **added**: a file whose cell the store does not hold (a new exposure, detector or filter);
 - **re-read**: the file the store holds for the cell, at the same path, whose size or modification time
@@ -38,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .ingest import ABSENT, FILE_RECORD, _chunk_sizes, file_identity
-from .listing import FileTable
+from .ingest import ABSENT, FILE_RECORD, _chunk_sizes
+from .listing import FileTable, file_identities
 
 __all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergePlan", "MergeSpec", "PartReport", "StoredGroup",
            "held_files", "merge_block", "plan_merge", "split_part", "vanished_files"]
@@ -139,7 +140,8 @@ def split_part(table: FileTable, held: HeldFiles) -> tuple[FileTable, PartReport
         new = held_path == ""
         same = ~new & (held_path == table.path[rows])
         at = np.flatnonzero(same)
-        now = np.array([file_identity(str(p)) for p in table.path[rows[at]]], dtype=np.int64).reshape(-1, 2)
+        # The files' size and mtime: stat'ed by the listing task that found them, or here.
+        now = table.identity[rows[at]] if table.identity is not None else file_identities(table.path[rows[at]])
         unchanged = np.zeros(len(rows), dtype=bool)
         unchanged[at] = ((now[:, 0] >= 0) & (now[:, 0] == held.size[name][d[at], e[at]])
                          & (now[:, 1] == held.mtime_ns[name][d[at], e[at]]))

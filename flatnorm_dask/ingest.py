@@ -46,6 +46,7 @@ from .listing import (
     IngestError,
     PartSummary,
     compile_pattern,
+    file_identities,
     input_source,
     object_array,
     summarise,
@@ -72,7 +73,7 @@ __all__ = [
     "IngestError",
     "compile_pattern",
     "discover",
-    "file_identity",
+    "file_identities",
     "list_campaign",
     "problems",
     "read_campaign",
@@ -197,18 +198,6 @@ class _BlockSpec:
     max_file_bytes: int
 
 
-def file_identity(path: str) -> tuple[int, int]:
-    """(size, mtime_ns) of a local file before it is read, so that a later run can tell whether it changed
-    (:mod:`flatnorm_dask.incremental`); (-1, -1) for a URI or a file that cannot be stat'ed."""
-    if "://" in path:
-        return -1, -1
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
-
-
 def _reason(err: StatsFormatError) -> str:
     return err.reason if err.key is None else f"key {err.key}: {err.reason}"
 
@@ -247,7 +236,7 @@ def _read_block(spec: _BlockSpec, *pieces: tuple[np.ndarray, ...]) -> tuple[np.n
     d_all, e_all = np.divmod(unique[single], n_exp)
     to_read = [str(p) for p in paths[first[single]]]
     files[d_all, e_all] = to_read
-    identity[:, d_all, e_all] = np.array([file_identity(p) for p in to_read], dtype=np.int64).reshape(-1, 2).T
+    identity[:, d_all, e_all] = file_identities(to_read).T  # before each file is read
 
     # Each file's numbers are collected, then put in place at once (one fancy assignment, not three a file).
     ok, dets, amps = [], [], []
@@ -464,6 +453,7 @@ def list_campaign(
     max_file_bytes: int = MAX_FILE_BYTES,
     restrict: Callable[[list[Any], Callable[[Any], PartSummary]], tuple[list[Any], list[PartSummary], int]]
     | None = None,
+    identity: bool = False,
 ) -> Campaign:
     """List a campaign's files (by Dask tasks, on the active scheduler) and lay out their reading.
 
@@ -473,7 +463,9 @@ def list_campaign(
     workers) and the function that summarises a partition (:func:`flatnorm_dask.listing.summarise`, for its
     tasks), it returns the partitions to read, their summaries and how many files were listed (summarised in
     the same computation as its own work: one wait for the workers); when it keeps none of them, the Campaign is
-    empty (no filter) rather than an error (an append with nothing new to read).
+    empty (no filter) rather than an error (an append with nothing new to read).  ``identity``: a pattern
+    scan's tasks stat the files they find, in the same pass (:class:`flatnorm_dask.listing.FileTable`'s
+    ``identity``), for ``restrict`` to compare with what it holds.
     """
     import dask
 
@@ -482,7 +474,7 @@ def list_campaign(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     source = input_source(root, pattern, manifest, camera, files, files_from=files_from, select=select)
-    parts = source.partitions(on_error)
+    parts = source.partitions(on_error, identity)
     parts = list(dask.persist(*parts)) if parts else []
     summarise_part = functools.partial(summarise, max_file_bytes=max_file_bytes)
     if restrict is None:

@@ -36,6 +36,7 @@ __all__ = [
     "IngestError",
     "PartSummary",
     "compile_pattern",
+    "file_identities",
     "input_source",
     "object_array",
     "selected",
@@ -112,6 +113,29 @@ def object_array(values: Sequence[Any]) -> np.ndarray:
     return out
 
 
+def file_identities(paths: Sequence[str]) -> np.ndarray:
+    """(size, mtime_ns) of each local file, an (n, 2) int64 array, so that a later run can tell whether a file
+    changed (:mod:`flatnorm_dask.incremental`); (-1, -1) for a URI or a file that cannot be stat'ed.
+
+    One stat a file, in one loop (the system call is most of the cost).
+    """
+    sizes, mtimes = np.full(len(paths), -1, dtype=np.int64), np.full(len(paths), -1, dtype=np.int64)
+    found, size, mtime = [], [], []
+    stat = os.stat
+    for i, path in enumerate(paths):
+        if "://" in path:
+            continue
+        try:
+            st = stat(path)
+        except (OSError, ValueError):
+            continue
+        found.append(i)
+        size.append(st.st_size)
+        mtime.append(st.st_mtime_ns)
+    sizes[found], mtimes[found] = size, mtime
+    return np.stack([sizes, mtimes], axis=1)
+
+
 @dataclass(frozen=True)
 class FileTable:
     """Input files with their data ids, as numpy arrays: what one listing task makes of its partition.
@@ -119,7 +143,8 @@ class FileTable:
     ``path``, ``physical_filter``: object arrays of str; ``exposure``, ``detector``: int64.  ``problems``
     lists directories that could not be listed (``on_error="mask"``), as ``{"file", "reason"}`` records.
     After a down-selection, ``n_listed`` counts the rows before it and ``seen`` holds (some of) the values
-    of the selection's field that the rows had.
+    of the selection's field that the rows had.  ``identity``: each file's :func:`file_identities` when the
+    listing task stat'ed them (a pattern scan for an append), else None.
     """
 
     path: np.ndarray
@@ -129,13 +154,15 @@ class FileTable:
     problems: tuple[dict[str, str], ...] = ()
     n_listed: int | None = None
     seen: tuple[str, ...] = ()
+    identity: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.path)
 
     def take(self, index: Any) -> FileTable:
         """The rows ``index`` selects (a boolean mask or positions)."""
-        return FileTable(self.path[index], self.exposure[index], self.detector[index], self.physical_filter[index])
+        return FileTable(self.path[index], self.exposure[index], self.detector[index], self.physical_filter[index],
+                         identity=None if self.identity is None else self.identity[index])
 
     @classmethod
     def concat(cls, tables: Sequence[FileTable]) -> FileTable:
@@ -145,7 +172,9 @@ class FileTable:
                      for name in ("path", "exposure", "detector", "physical_filter")),
                    problems=tuple(p for t in tables for p in t.problems),
                    n_listed=sum(len(t) if t.n_listed is None else t.n_listed for t in tables),
-                   seen=tuple(sorted({v for t in tables for v in t.seen})))
+                   seen=tuple(sorted({v for t in tables for v in t.seen})),
+                   identity=None if any(t.identity is None for t in tables)
+                   else np.concatenate([t.identity for t in tables]))
 
     def to_frame(self):
         """The table as a pandas DataFrame (``path, exposure, detector, physical_filter``)."""
@@ -275,11 +304,12 @@ def _ids_from_fields(fields: dict[str, list[str]], paths: list[str], spec: _Fiel
 
 
 def _scan(root: str, items: Sequence[tuple[str, bool]], spec: _Fields, on_error: str,
-          carried: Sequence[dict[str, str]] = ()) -> FileTable:
+          carried: Sequence[dict[str, str]] = (), identity: bool = False) -> FileTable:
     """List the files below some directories that match the pattern -- a listing task.
 
     ``items`` are (directory, recursive): the files of each directory, and of its whole tree when recursive.
     ``carried``: problems the client met while listing the top of the tree, passed on with this table.
+    ``identity``: stat each file found (:func:`file_identities`), in this task.
     """
     paths: list[str] = []
     matches: list[re.Match[str]] = []
@@ -301,7 +331,8 @@ def _scan(root: str, items: Sequence[tuple[str, bool]], spec: _Fields, on_error:
             stack.extend((os.path.join(directory, d), True) for d in sorted(subdirs, reverse=True))
     fields = {key: [match[key] for match in matches] for key in spec.regex.groupindex}
     table = _ids_from_fields(fields, paths, spec) if paths else FileTable.concat([])
-    return FileTable(table.path, table.exposure, table.detector, table.physical_filter, tuple(problems))
+    return FileTable(table.path, table.exposure, table.detector, table.physical_filter, tuple(problems),
+                     identity=file_identities(paths) if identity else None)
 
 
 class _PatternSource:
@@ -334,10 +365,10 @@ class _PatternSource:
             stack += [os.path.join(directory, d) for d in subdirs]
         return n
 
-    def partitions(self, on_error: str) -> list[Any]:
+    def partitions(self, on_error: str, identity: bool = False) -> list[Any]:
         """Delayed :class:`FileTable` s.  The client lists the top of the tree, breadth first, until it has
         about :data:`SCAN_SPREAD` directories; tasks walk runs of them (and match the files of the
-        directories the client listed)."""
+        directories the client listed), and with ``identity`` stat the files they find."""
         import dask
 
         problems: list[dict[str, str]] = []
@@ -358,9 +389,10 @@ class _PatternSource:
         items = [(d, False) for d in shallow] + [(d, True) for d in frontier]
         bounds = np.linspace(0, len(items), min(-(-len(items) // SCAN_DIRS), SCAN_TASKS) + 1).astype(int)
         scan = dask.delayed(_scan, pure=False)
-        parts = [scan(str(self.root), items[a:b], self.spec, on_error) for a, b in zip(bounds[:-1], bounds[1:])]
+        parts = [scan(str(self.root), items[a:b], self.spec, on_error, (), identity)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
         if problems:  # the client's own listing problems travel with an empty table
-            parts.append(scan(str(self.root), [], self.spec, on_error, problems))
+            parts.append(scan(str(self.root), [], self.spec, on_error, problems, identity))
         return parts
 
 
@@ -613,7 +645,7 @@ class _ManifestSource:
                 n += piece.count(b"\n")
         return max(n, 0)
 
-    def partitions(self, on_error: str) -> list[Any]:
+    def partitions(self, on_error: str, identity: bool = False) -> list[Any]:
         import dask
 
         field = [self.select[0]] if self.select else []
@@ -655,7 +687,7 @@ class _TableSource:
     def count(self, limit: int) -> int:
         return self.n
 
-    def partitions(self, on_error: str) -> list[Any]:
+    def partitions(self, on_error: str, identity: bool = False) -> list[Any]:
         import dask
 
         part = dask.delayed(_table_part, pure=False)
@@ -675,8 +707,10 @@ def input_source(root=None, pattern=None, manifest=None, camera=None, files=None
     messages); see :func:`flatnorm_dask.ingest.discover`.  ``select`` (field, value) keeps the rows whose field
     matches (:func:`selected`): a manifest's or a table's column.
 
-    The source's ``partitions(on_error)`` are Delayed :class:`FileTable` s, its ``count(limit)`` a cheap
-    count, ``name`` what messages call it and ``nothing_found()`` its message for no file.
+    The source's ``partitions(on_error, identity=False)`` are Delayed :class:`FileTable` s (with ``identity``,
+    a pattern scan's hold the files' :func:`file_identities`; a manifest's or a table's never do), its
+    ``count(limit)`` a cheap count, ``name`` what messages call it and ``nothing_found()`` its message for no
+    file.
     """
     if files is not None:
         if pattern is not None or manifest is not None:

@@ -368,7 +368,8 @@ def run(cfg: Config, *, show_progress: bool = True,
                 # Listed by tasks (on the cluster when there is one); read later.
                 campaign = list_campaign(**inputs, camera=camera, on_error=inp.on_error, batch_size=inp.batch_size,
                                          select=selection, max_file_bytes=inp.max_file_bytes,
-                                         restrict=appender.restrict if appender else None)
+                                         restrict=appender.restrict if appender else None,
+                                         identity=appender is not None)
                 if selection:
                     log.info("%s: kept %d of %d files", inp.select, sum(campaign.n_files.values()), campaign.n_listed)
                 log.info("found %d files in %d filter(s)", sum(campaign.n_files.values()), len(campaign.filters))
@@ -652,9 +653,11 @@ def _merged_layout(name: str, old: xr.Dataset | None, new: xr.Dataset, batch_siz
                                   chunks=tuple(chunks[d] for d in var.dims)), var.attrs)
          for name, var in new.data_vars.items()},
         coords={**union, "amp": new["amp"].values}, attrs=new.attrs)
-    # The camera's detector names, of the store's detectors and the new ones.
+    # The camera's detector names, of the store's detectors and the new ones; the store's read here (a few kB),
+    # not by a round trip to the cluster.
     named = {int(d): str(v) for ds in (old, new) if ds is not None and "detector_name" in ds.coords
-             for d, v in zip(ds["detector"].values, ds["detector_name"].values) if v}
+             for d, v in zip(ds["detector"].values,
+                             ds["detector_name"].compute(scheduler=dask.local.get_sync).values) if v}
     if named:
         template.coords["detector_name"] = ("detector", np.array([named.get(int(d), "") for d in union["detector"]],
                                                                  dtype=object))

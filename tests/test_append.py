@@ -380,6 +380,45 @@ def test_split_part_sorts_listed_files_against_the_store(tmp_path):
                                                          "detector": 20, "exposure": 200}]
 
 
+def test_a_scan_stats_what_it_finds_and_split_part_compares_that(tmp_path):
+    """An append's pattern scan records each file's (size, mtime_ns) in the same task (FileTable.identity), and
+    split_part compares the store's record with those, stat'ing the files itself only for a table without them."""
+    import dataclasses
+
+    import dask
+
+    from flatnorm_dask.incremental import HeldFiles, split_part
+    from flatnorm_dask.listing import FileTable, file_identities, input_source
+
+    for exposure in (100, 200):
+        (tmp_path / "r_57" / str(exposure)).mkdir(parents=True)
+        (tmp_path / "r_57" / str(exposure) / "flatStats_10.yaml").write_text("x" * exposure)
+    source = input_source(tmp_path, SIMPLE_PATTERN)
+    plain = FileTable.concat(dask.compute(*source.partitions("raise"), scheduler="sync"))
+    assert plain.identity is None  # a run that does not append stats nothing while listing
+    table = FileTable.concat(dask.compute(*source.partitions("raise", identity=True), scheduler="sync"))
+    table = table.take(np.argsort(table.exposure))
+    stats = [os.stat(p) for p in table.path]
+    assert table.identity.tolist() == [[st.st_size, st.st_mtime_ns] for st in stats]
+    assert [st.st_size for st in stats] == [100, 200]
+    # A URI and a file that is not there have no identity.
+    assert file_identities(["s3://bucket/a.yaml", str(tmp_path / "none.yaml"), table.path[0]]).tolist() == [
+        [-1, -1], [-1, -1], [100, stats[0].st_mtime_ns]]
+
+    held = HeldFiles({"r_57": np.array([10])}, {"r_57": np.array([100, 200])},
+                     {"r_57": table.path.reshape(1, 2).copy()}, {"r_57": table.identity[:, 0].reshape(1, 2)},
+                     {"r_57": table.identity[:, 1].reshape(1, 2)})
+    kept, report = split_part(table, held)
+    assert len(kept) == 0 and (report.added, report.reread, report.replaced) == (0, 0, 0)
+    # The listing saw exposure 200's file with another mtime than the store's record: it is read again.
+    seen_changed = dataclasses.replace(table, identity=table.identity + [[0, 0], [0, 1]])
+    kept, report = split_part(seen_changed, held)
+    assert kept.path.tolist() == [table.path[1]] and report.reread == 1
+    # A table listed without identity (a manifest's): split_part stats the files, which are unchanged.
+    kept, report = split_part(dataclasses.replace(seen_changed, identity=None), held)
+    assert len(kept) == 0 and report.reread == 0
+
+
 def test_a_store_without_a_record_of_its_files_is_refused(small, tmp_path, capsys):
     """A store written before the per-cell file record (here: by write_store, without one): every file would
     look new, so the append says what to do instead."""

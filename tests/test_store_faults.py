@@ -57,6 +57,15 @@ def campaign(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def small_campaign(tmp_path_factory) -> Path:
+    """A few files, for the runs paused at a commit step: how many they read is not what they test."""
+    root = tmp_path_factory.mktemp("small")
+    write_campaign(simulate_campaign("lsstcam", n_detectors=6, n_exposures=4, filters=("r_57",), seed=3), root,
+                   layout="simple")
+    return root
+
+
 def one_error(capsys, argv: list) -> str:
     """Run the command in-process; it must fail with exactly one line on stderr, naming no internal file."""
     assert main([str(a) for a in argv]) == 1
@@ -381,13 +390,13 @@ def test_signal_to_the_whole_job_while_writing(campaign, tmp_path, sig, status, 
 @pytest.mark.parametrize("sig, status, line, step", [
     (signal.SIGTERM, 143, "flatnorm: terminated (SIGTERM)", "sealed"),
     (signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)", "locked")], ids=["SIGTERM-sealed", "SIGINT-locked"])
-def test_signal_between_commit_steps(campaign, tmp_path, scheduler_address, sig, status, line, step):
+def test_signal_between_commit_steps(small_campaign, tmp_path, scheduler_address, sig, status, line, step):
     """Paused by the test hook with the store sealed (its commit record written) or the lock held: the
     signalled run removes its staging directory and ends with one line."""
     store = tmp_path / "s.zarr"
     flags = tmp_path / "flags"
     flags.mkdir()
-    proc = start(run_args(campaign, store, "--scheduler", scheduler_address),
+    proc = start(run_args(small_campaign, store, "--scheduler", scheduler_address),
                  FLATNORM_TEST_PAUSE=f"{step}@{flags}")
     wait_for(f"{step}.*", flags, proc)
     assert len(list(store.parent.glob(".s.zarr.versions/*.partial-*"))) == 1
@@ -400,7 +409,7 @@ def test_signal_between_commit_steps(campaign, tmp_path, scheduler_address, sig,
 # ------------------------------------------------------------------------------------- concurrent commands
 
 @pytest.mark.slow
-def test_concurrent_commands_one_winner_and_an_overwrite(campaign, tmp_path, scheduler_address):
+def test_concurrent_commands_one_winner_and_an_overwrite(small_campaign, tmp_path, scheduler_address):
     """Three ``flatnorm run`` of the same output, all past their start-up check and paused with their stores
     sealed: released in turn, the first without --overwrite wins, the second loses with one line and leaves
     nothing, the third (--overwrite) replaces the first's store."""
@@ -409,7 +418,7 @@ def test_concurrent_commands_one_winner_and_an_overwrite(campaign, tmp_path, sch
     flags.mkdir()
     runs = {}
     for iterations, extra in ((11, []), (12, []), (13, ["--overwrite"])):
-        runs[iterations] = start(run_args(campaign, store, "--scheduler", scheduler_address, "--iterations",
+        runs[iterations] = start(run_args(small_campaign, store, "--scheduler", scheduler_address, "--iterations",
                                           iterations, *extra), FLATNORM_TEST_PAUSE=f"sealed@{flags}")
     paused = {it: wait_for(f"sealed.{proc.pid}", flags, proc)[0] for it, proc in runs.items()}
     results = {}

@@ -12,7 +12,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from flatnorm_dask.store import (
     write_scales_yaml,
     write_store,
 )
-from helpers import error_line  # noqa: E402
+from helpers import Command, error_line  # noqa: E402
 
 INTERNAL = (".partial-", ".versions", ".pointer-", ".deleting-", ".lock")
 
@@ -339,17 +338,14 @@ def test_a_store_from_before_manifests_is_still_read(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ signals
 
-def start(args: list, **env: str) -> subprocess.Popen:
-    """The command in its own process group, SIGINT handled as in a terminal (not ignored as in a background
-    job, whatever this test process inherited)."""
-    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "sys.argv = ['flatnorm', *sys.argv[1:]]; runpy.run_module('flatnorm_dask.cli', run_name='__main__')")
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **env})
+def start(args: list, **env: str) -> Command:
+    """The command in a process and session of its own (forked with the package imported: helpers.Command),
+    SIGINT handled as in a terminal (not ignored as in a background job, whatever this test process
+    inherited), what it prints kept."""
+    return Command(args, env=env, capture=True, new_session=True)
 
 
-def wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float = 120) -> list[Path]:
+def wait_for(pattern: str, where: Path, proc: Command, timeout: float = 120) -> list[Path]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         found = list(where.glob(pattern))
@@ -358,10 +354,10 @@ def wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float =
         time.sleep(0.005)
     ended = proc.poll() is not None
     raise AssertionError(f"{pattern} never appeared (exit status {proc.poll()}): "
-                         f"{proc.stderr.read() if ended else 'still running'}")
+                         f"{proc.communicate()[1] if ended else 'still running'}")
 
 
-def stopped_cleanly(proc: subprocess.Popen, status: int, line: str, store: Path) -> None:
+def stopped_cleanly(proc: Command, status: int, line: str, store: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err
     lines = err.strip().splitlines()

@@ -25,7 +25,7 @@ from flatnorm_dask.store import (
     open_store,
     store_history,
 )
-from helpers import error_line, in_process  # noqa: E402
+from helpers import Command, error_line, in_process  # noqa: E402
 
 FILTERS = ("g_6", "r_57")
 
@@ -278,8 +278,7 @@ def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path
     store = tmp_path / "killed.zarr"
     args = ["run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--no-progress", "--level",
             "AMP", "--batch-size", 25]  # eight reading tasks, as with 800 files in batches of 100
-    proc = subprocess.Popen([sys.executable, "-m", "flatnorm_dask.cli", *map(str, args), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = Command([*args, "--workers", 1], new_session=True)  # a process and group of its own, killed whole
     # Killed once the reading tasks have written their first chunk of the inputs into the staging store
     # (the coordinates are written before any task runs, the chunks of the read statistics only by tasks).
     written: list = []

@@ -48,21 +48,23 @@ from helpers import Command, error_line  # noqa: E402
 INTERNAL = (".partial-", ".versions", ".pointer-", ".deleting-", ".lock")
 
 
+def written_campaign(tmp_path_factory, name: str, n_detectors: int, n_exposures: int) -> Path:
+    """A simulated r_57 campaign written as files in a new directory, its root."""
+    root = tmp_path_factory.mktemp(name)
+    write_campaign(simulate_campaign("lsstcam", n_detectors=n_detectors, n_exposures=n_exposures,
+                                     filters=("r_57",), seed=3), root, layout="simple")
+    return root
+
+
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("campaign")
-    write_campaign(simulate_campaign("lsstcam", n_detectors=40, n_exposures=8, filters=("r_57",), seed=3), root,
-                   layout="simple")
-    return root
+    return written_campaign(tmp_path_factory, "campaign", 40, 8)
 
 
 @pytest.fixture(scope="module")
 def small_campaign(tmp_path_factory) -> Path:
     """A few files, for the runs paused at a commit step: how many they read is not what they test."""
-    root = tmp_path_factory.mktemp("small")
-    write_campaign(simulate_campaign("lsstcam", n_detectors=6, n_exposures=4, filters=("r_57",), seed=3), root,
-                   layout="simple")
-    return root
+    return written_campaign(tmp_path_factory, "small", 6, 4)
 
 
 def one_error(capsys, argv: list) -> str:

@@ -36,21 +36,23 @@ def in_its_own_process(*args, timeout=300, python=()):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def campaign(tmp_path_factory):
-    tree = simulate_campaign("lsstcam", n_detectors=20, n_exposures=6, filters=FILTERS, seed=7)
-    root = tmp_path_factory.mktemp("inputs")
+def written_campaign(tmp_path_factory, name: str, n_detectors: int, n_exposures: int):
+    """A simulated campaign of both filters, written as files in a new directory: (its tree, its root)."""
+    tree = simulate_campaign("lsstcam", n_detectors=n_detectors, n_exposures=n_exposures, filters=FILTERS, seed=7)
+    root = tmp_path_factory.mktemp(name)
     write_campaign(tree, root, layout="simple")
     return tree, root
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    return written_campaign(tmp_path_factory, "inputs", 20, 6)
 
 
 @pytest.fixture(scope="module")
 def small_campaign(tmp_path_factory):
     """A campaign of a few detectors and exposures, for the runs whose size is not what they test."""
-    tree = simulate_campaign("lsstcam", n_detectors=5, n_exposures=4, filters=FILTERS, seed=7)
-    root = tmp_path_factory.mktemp("small")
-    write_campaign(tree, root, layout="simple")
-    return tree, root
+    return written_campaign(tmp_path_factory, "small", 5, 4)
 
 
 @pytest.fixture(scope="module")

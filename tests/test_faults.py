@@ -132,10 +132,10 @@ def test_every_bad_input_masked_and_listed_by_the_cli(inputs, tmp_path):
 def test_worker_killed_mid_run_gives_the_same_numbers(tmp_path):
     from distributed import Client, LocalCluster
 
-    tree = simulate_campaign("lsstcam", n_detectors=60, n_exposures=20, filters=("g_6",), seed=12)
+    tree = simulate_campaign("lsstcam", n_detectors=30, n_exposures=10, filters=("g_6",), seed=12)
     write_campaign(tree, tmp_path / "in", layout="simple")
     overrides = {"input.root": str(tmp_path / "in"), "input.pattern": "{physical_filter}/{exposure}/flatStats_{detector}.yaml",
-                 "input.batch_size": 60, "solve.level": "AMP", "solve.tol": 1e-10}
+                 "input.batch_size": 30, "solve.level": "AMP", "solve.tol": 1e-10}  # ten reading tasks
     run(load_config(None, {**overrides, "output.store": str(tmp_path / "clean.zarr")}), show_progress=False)
 
     killed = []

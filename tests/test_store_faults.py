@@ -12,7 +12,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,17 +43,28 @@ from flatnorm_dask.store import (
     write_scales_yaml,
     write_store,
 )
-from helpers import error_line  # noqa: E402
+from helpers import Command, error_line  # noqa: E402
 
 INTERNAL = (".partial-", ".versions", ".pointer-", ".deleting-", ".lock")
 
 
+def written_campaign(tmp_path_factory, name: str, n_detectors: int, n_exposures: int) -> Path:
+    """A simulated r_57 campaign written as files in a new directory, its root."""
+    root = tmp_path_factory.mktemp(name)
+    write_campaign(simulate_campaign("lsstcam", n_detectors=n_detectors, n_exposures=n_exposures,
+                                     filters=("r_57",), seed=3), root, layout="simple")
+    return root
+
+
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("campaign")
-    write_campaign(simulate_campaign("lsstcam", n_detectors=40, n_exposures=8, filters=("r_57",), seed=3), root,
-                   layout="simple")
-    return root
+    return written_campaign(tmp_path_factory, "campaign", 40, 8)
+
+
+@pytest.fixture(scope="module")
+def small_campaign(tmp_path_factory) -> Path:
+    """A few files, for the runs paused at a commit step: how many they read is not what they test."""
+    return written_campaign(tmp_path_factory, "small", 6, 4)
 
 
 def one_error(capsys, argv: list) -> str:
@@ -330,17 +340,14 @@ def test_a_store_from_before_manifests_is_still_read(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ signals
 
-def start(args: list, **env: str) -> subprocess.Popen:
-    """The command in its own process group, SIGINT handled as in a terminal (not ignored as in a background
-    job, whatever this test process inherited)."""
-    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "sys.argv = ['flatnorm', *sys.argv[1:]]; runpy.run_module('flatnorm_dask.cli', run_name='__main__')")
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **env})
+def start(args: list, **env: str) -> Command:
+    """The command in a process and session of its own (forked with the package imported: helpers.Command),
+    SIGINT handled as in a terminal (not ignored as in a background job, whatever this test process
+    inherited), what it prints kept."""
+    return Command(args, env=env, capture=True, new_session=True)
 
 
-def wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float = 120) -> list[Path]:
+def wait_for(pattern: str, where: Path, proc: Command, timeout: float = 120) -> list[Path]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         found = list(where.glob(pattern))
@@ -349,10 +356,10 @@ def wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float =
         time.sleep(0.005)
     ended = proc.poll() is not None
     raise AssertionError(f"{pattern} never appeared (exit status {proc.poll()}): "
-                         f"{proc.stderr.read() if ended else 'still running'}")
+                         f"{proc.communicate()[1] if ended else 'still running'}")
 
 
-def stopped_cleanly(proc: subprocess.Popen, status: int, line: str, store: Path) -> None:
+def stopped_cleanly(proc: Command, status: int, line: str, store: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err
     lines = err.strip().splitlines()
@@ -381,13 +388,13 @@ def test_signal_to_the_whole_job_while_writing(campaign, tmp_path, sig, status, 
 @pytest.mark.parametrize("sig, status, line, step", [
     (signal.SIGTERM, 143, "flatnorm: terminated (SIGTERM)", "sealed"),
     (signal.SIGINT, 130, "flatnorm: interrupted (SIGINT)", "locked")], ids=["SIGTERM-sealed", "SIGINT-locked"])
-def test_signal_between_commit_steps(campaign, tmp_path, scheduler_address, sig, status, line, step):
+def test_signal_between_commit_steps(small_campaign, tmp_path, scheduler_address, sig, status, line, step):
     """Paused by the test hook with the store sealed (its commit record written) or the lock held: the
     signalled run removes its staging directory and ends with one line."""
     store = tmp_path / "s.zarr"
     flags = tmp_path / "flags"
     flags.mkdir()
-    proc = start(run_args(campaign, store, "--scheduler", scheduler_address),
+    proc = start(run_args(small_campaign, store, "--scheduler", scheduler_address),
                  FLATNORM_TEST_PAUSE=f"{step}@{flags}")
     wait_for(f"{step}.*", flags, proc)
     assert len(list(store.parent.glob(".s.zarr.versions/*.partial-*"))) == 1
@@ -400,7 +407,7 @@ def test_signal_between_commit_steps(campaign, tmp_path, scheduler_address, sig,
 # ------------------------------------------------------------------------------------- concurrent commands
 
 @pytest.mark.slow
-def test_concurrent_commands_one_winner_and_an_overwrite(campaign, tmp_path, scheduler_address):
+def test_concurrent_commands_one_winner_and_an_overwrite(small_campaign, tmp_path, scheduler_address):
     """Three ``flatnorm run`` of the same output, all past their start-up check and paused with their stores
     sealed: released in turn, the first without --overwrite wins, the second loses with one line and leaves
     nothing, the third (--overwrite) replaces the first's store."""
@@ -409,7 +416,7 @@ def test_concurrent_commands_one_winner_and_an_overwrite(campaign, tmp_path, sch
     flags.mkdir()
     runs = {}
     for iterations, extra in ((11, []), (12, []), (13, ["--overwrite"])):
-        runs[iterations] = start(run_args(campaign, store, "--scheduler", scheduler_address, "--iterations",
+        runs[iterations] = start(run_args(small_campaign, store, "--scheduler", scheduler_address, "--iterations",
                                           iterations, *extra), FLATNORM_TEST_PAUSE=f"sealed@{flags}")
     paused = {it: wait_for(f"sealed.{proc.pid}", flags, proc)[0] for it, proc in runs.items()}
     results = {}

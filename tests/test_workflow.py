@@ -25,7 +25,7 @@ from flatnorm_dask.store import (
     open_store,
     store_history,
 )
-from helpers import error_line, in_process  # noqa: E402
+from helpers import Command, error_line, in_process  # noqa: E402
 
 FILTERS = ("g_6", "r_57")
 
@@ -36,12 +36,23 @@ def in_its_own_process(*args, timeout=300, python=()):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def campaign(tmp_path_factory):
-    tree = simulate_campaign("lsstcam", n_detectors=20, n_exposures=6, filters=FILTERS, seed=7)
-    root = tmp_path_factory.mktemp("inputs")
+def written_campaign(tmp_path_factory, name: str, n_detectors: int, n_exposures: int):
+    """A simulated campaign of both filters, written as files in a new directory: (its tree, its root)."""
+    tree = simulate_campaign("lsstcam", n_detectors=n_detectors, n_exposures=n_exposures, filters=FILTERS, seed=7)
+    root = tmp_path_factory.mktemp(name)
     write_campaign(tree, root, layout="simple")
     return tree, root
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    return written_campaign(tmp_path_factory, "inputs", 20, 6)
+
+
+@pytest.fixture(scope="module")
+def small_campaign(tmp_path_factory):
+    """A campaign of a few detectors and exposures, for the runs whose size is not what they test."""
+    return written_campaign(tmp_path_factory, "small", 5, 4)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +78,7 @@ def test_a_small_run_works_in_its_own_process(amp_store):
     assert "dask.array" in imported and "distributed" not in imported
 
 
-def test_local_min_files_decides_whether_a_cluster_is_started(campaign, tmp_path, dask_cluster, monkeypatch,
+def test_local_min_files_decides_whether_a_cluster_is_started(small_campaign, tmp_path, dask_cluster, monkeypatch,
                                                                caplog):
     """At or above cluster.local_min_files the run starts its cluster (here: the session's, through a stand-in
     for connect); below, it works in its own process; both give the same store."""
@@ -78,7 +89,9 @@ def test_local_min_files_decides_whether_a_cluster_is_started(campaign, tmp_path
 
     from flatnorm_dask import cli, cluster
 
-    _, root = campaign
+    _, root = small_campaign
+    n_files = sum(1 for path in root.rglob("*") if path.is_file())  # every file below the root: manifest.csv too
+    assert n_files == 2 * 5 * 4 + 1
     started = []
 
     @contextlib.contextmanager
@@ -90,12 +103,13 @@ def test_local_min_files_decides_whether_a_cluster_is_started(campaign, tmp_path
     monkeypatch.setattr(cluster, "connect", connect)
     args = ["run", "--input", str(root), "--pattern", SIMPLE_PATTERN, "--level", "AMP", "--no-progress"]
     with caplog.at_level(logging.INFO, logger="flatnorm_dask"):
-        assert cli.main([*args, "--output", str(tmp_path / "a.zarr"), "--local-min-files", "241"]) == 0
+        assert cli.main([*args, "--output", str(tmp_path / "a.zarr"), "--local-min-files", str(n_files)]) == 0
         assert started == [None]
-        assert "at least 241 input files (cluster.local_min_files): starting a LocalCluster" in caplog.text
-        assert cli.main([*args, "--output", str(tmp_path / "b.zarr"), "--local-min-files", "242"]) == 0
+        assert f"at least {n_files} input files (cluster.local_min_files): starting a LocalCluster" in caplog.text
+        assert cli.main([*args, "--output", str(tmp_path / "b.zarr"), "--local-min-files", str(n_files + 1)]) == 0
         assert started == [None]
-        assert "241 input files, fewer than cluster.local_min_files (242): working in this process" in caplog.text
+        assert (f"{n_files} input files, fewer than cluster.local_min_files ({n_files + 1}): working in this "
+                "process") in caplog.text
     for name in FILTERS:
         a = xr.open_zarr(tmp_path / "a.zarr", group=name).load()
         b = xr.open_zarr(tmp_path / "b.zarr", group=name).load()
@@ -204,8 +218,8 @@ def test_refuses_to_overwrite_and_rerun_is_identical(campaign, amp_store, tmp_pa
 
 
 @pytest.mark.slow
-def test_bad_input_fails_with_one_line_naming_the_file(campaign, tmp_path):
-    _, root = campaign
+def test_bad_input_fails_with_one_line_naming_the_file(small_campaign, tmp_path):
+    _, root = small_campaign
     import shutil
 
     inputs = tmp_path / "inputs"
@@ -260,14 +274,13 @@ def test_inputs_are_checked_before_any_cluster_is_reached(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_killed_mid_write_leaves_no_complete_store_and_a_rerun_succeeds(tmp_path, scheduler_address, caplog):
-    tree = simulate_campaign("lsstcam", n_detectors=100, n_exposures=8, filters=("r_57",), seed=2)
+    tree = simulate_campaign("lsstcam", n_detectors=40, n_exposures=5, filters=("r_57",), seed=2)
     inputs = tmp_path / "inputs"
     write_campaign(tree, inputs, layout="simple")
     store = tmp_path / "killed.zarr"
     args = ["run", "--input", inputs, "--pattern", SIMPLE_PATTERN, "--output", store, "--no-progress", "--level",
-            "AMP", "--batch-size", 100]
-    proc = subprocess.Popen([sys.executable, "-m", "flatnorm_dask.cli", *map(str, args), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            "AMP", "--batch-size", 25]  # eight reading tasks, as with 800 files in batches of 100
+    proc = Command([*args, "--workers", 1], new_session=True)  # a process and group of its own, killed whole
     # Killed once the reading tasks have written their first chunk of the inputs into the staging store
     # (the coordinates are written before any task runs, the chunks of the read statistics only by tasks).
     written: list = []
@@ -401,7 +414,7 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
     _, root = campaign
     reference, _, _ = amp_store
     cfg = tmp_path / "jobqueue.yaml"
-    cfg.write_text("cluster:\n  n_workers: 2\n  wait_timeout: 120\n"
+    cfg.write_text("cluster:\n  n_workers: 1\n  wait_timeout: 120\n"
                    "dask:\n  jobqueue:\n    local:\n      cores: 1\n      processes: 1\n      memory: 2GiB\n"
                    f"      log-directory: {tmp_path / 'logs'}\n"
                    "      scheduler-options: {dashboard_address: ':0'}\n")  # 8787 may be taken on this machine
@@ -437,13 +450,13 @@ def test_job_queue_and_existing_scheduler_entry_points(campaign, amp_store, tmp_
             np.testing.assert_array_equal(a["used"].values, b["used"].values)
 
 
-def test_a_filter_without_usable_cells_fails_naming_it(campaign, tmp_path, scheduler_address, capsys):
+def test_a_filter_without_usable_cells_fails_naming_it(small_campaign, tmp_path, scheduler_address, capsys):
     """Every file of g_6 unreadable and masked: no numbers for it is an error naming the filter, not NaN scales."""
     import shutil
 
     from flatnorm_dask.cli import main
 
-    _, root = campaign
+    _, root = small_campaign
     inputs = tmp_path / "inputs"
     shutil.copytree(root, inputs)
     for path in (inputs / "g_6").rglob("*.yaml"):

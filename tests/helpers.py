@@ -57,10 +57,29 @@ def in_process(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-#: What a run imports, imported once by the fork server: each command forked from it starts in milliseconds
-#: instead of spending ~2 s of CPU importing xarray, dask, zarr and the package anew.
-_PRELOAD = ["flatnorm_dask.cli", "flatnorm_dask.workflow", "distributed"]
+#: What a run and a cluster worker import, imported once by the fork server: a process forked from it starts in
+#: milliseconds instead of spending ~2 s of CPU importing xarray, dask, distributed, zarr and the package anew.
+_PRELOAD = ["distributed", "flatnorm_dask.cli", "flatnorm_dask.workflow"]
+#: Set in the test processes only (see :func:`fork_server`); never passed on to a command they start.
+FORKSERVER_METHOD = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
 _forks = None
+
+
+def fork_server() -> multiprocessing.context.BaseContext:
+    """The test process's fork server, preloaded with :data:`_PRELOAD`, for :class:`Command` and for the worker
+    processes of the LocalClusters the tests start (``distributed.worker.multiprocessing-method``, as
+    distributed's own test suite does; in the environment, so that it survives ``dask.config.refresh()``)."""
+    global _forks
+    if _forks is None:
+        os.environ[FORKSERVER_METHOD] = "forkserver"
+        import dask
+        from distributed.utils import get_mp_context
+
+        dask.config.refresh()
+        get_mp_context()  # distributed sets its own preload once, at its first use: ours (a superset) replaces it
+        _forks = multiprocessing.get_context("forkserver")
+        _forks.set_forkserver_preload(_PRELOAD)
+    return _forks
 
 
 class Command:
@@ -73,14 +92,13 @@ class Command:
     """
 
     def __init__(self, args, env=None, capture=False, new_session=False):
-        global _forks
-        if _forks is None:
-            _forks = multiprocessing.get_context("forkserver")
-            _forks.set_forkserver_preload(_PRELOAD)
         self.args = [str(a) for a in args]
         self._files = [tempfile.mkstemp(prefix="flatnorm-command-")[1] for _ in "12"] if capture else [None] * 2
-        self._process = _forks.Process(target=_command, daemon=False, args=(
-            self.args, {**os.environ, **(env or {})}, os.getcwd(), *self._files, new_session))
+        # A command starts its clusters' workers as a user's does (spawned): forked from the test's server they
+        # would be its children, outside the command's session.
+        environ = {k: v for k, v in os.environ.items() if k != FORKSERVER_METHOD}
+        self._process = fork_server().Process(target=_command, daemon=False, args=(
+            self.args, {**environ, **(env or {})}, os.getcwd(), *self._files, new_session))
         self._process.start()
         self.pid = self._process.pid
 

@@ -28,6 +28,20 @@ from helpers import fork_server  # noqa: E402  (tests/ is on sys.path, as for ev
 fork_server()
 
 
+@pytest.fixture(autouse=True)
+def fsyncs(monkeypatch) -> list:
+    """The paths a commit in the test's process asks to flush, recorded instead of flushed.
+
+    fsync is about power cuts, which no test here can make; each one waits for the disk, and the suite commits
+    hundreds of stores.  That commits ask for the right flushes is tested (test_commit.py) on this record.
+    """
+    from flatnorm_dask.store import transaction
+
+    asked: list = []
+    monkeypatch.setattr(transaction, "_fsync", asked.append)
+    return asked
+
+
 @pytest.fixture(scope="session")
 def dask_cluster():
     """A LocalCluster of two single-threaded worker processes, shared by the whole session.

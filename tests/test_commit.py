@@ -26,6 +26,7 @@ import xarray as xr
 
 from flatnorm_dask.store import (
     LEGACY_VERSION,
+    MANIFEST_FILE,
     StoreChangedError,
     StoreError,
     StoreExistsError,
@@ -80,13 +81,6 @@ def unfinished(path: Path) -> list[str]:
     """Staging directories, versions being deleted, temporary pointers: what a finished run must not leave."""
     beside = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.pointer-")]
     return beside + [v for v in versions(path) if ".partial-" in v or ".deleting-" in v]
-
-
-@pytest.fixture
-def no_fsync(monkeypatch):
-    """fsync is about power cuts, not about what concurrent runs see; off here, for speed (it costs ~5 ms a
-    file on some file systems, and these tests commit hundreds of stores)."""
-    monkeypatch.setattr(transaction, "_fsync", lambda path: None)
 
 
 # ------------------------------------------------------------------------------------------ interleavings
@@ -162,6 +156,24 @@ def play(tmp_path: Path, template: Path, order, overwrite, initial: bool) -> Non
     assert len(committed) <= 2 and (want_final is None or os.readlink(path).endswith(committed[-1])), case
 
 
+def test_a_commit_flushes_every_file_and_directory_before_its_marker_and_the_pointer(tmp_path, template, fsyncs):
+    """What fsync is for (a power cut) is not testable here; that it is asked for, of the right paths in the right
+    order, is: every file and directory of the new version, then its root record, then the directory of the
+    pointer that makes it visible."""
+    path = tmp_path / "s.zarr"
+    staging = prepare_store(path)
+    stage(template, staging, "run0")
+    version = commit_store(staging, path)
+    written = {str(p).replace(str(staging), str(version.path)) for p in fsyncs}  # flushed before the rename
+    every = {str(p) for p in version.path.rglob("*")} | {str(version.path)}
+    assert every <= written, sorted(every - written)
+    order = [str(p) for p in fsyncs]
+    marker = order.index(str(staging / "zarr.json"), order.index(str(staging / MANIFEST_FILE)))
+    chunks = [i for i, p in enumerate(order) if "/r_57/" in p]
+    assert chunks and max(chunks) < marker  # the record last: a store that says it is complete is
+    assert order[-1] == str(path.parent)  # the pointer, once it is in place
+
+
 def test_orders_are_every_interleaving():
     # 4! / 2^2 orderings of two runs' events with P before C, /2 for the naming; 6! / 2^3 / 3! for three.
     assert len(orders(2)) == 3 and len(orders(3)) == 15
@@ -173,7 +185,7 @@ def test_orders_are_every_interleaving():
 @pytest.mark.parametrize("overwrite", [flags for n_runs in (2, 3) for flags in itertools.product([False, True],
                                                                                                 repeat=n_runs)],
                          ids=lambda o: "".join("o" if x else "-" for x in o))
-def test_every_interleaving(tmp_path, template, no_fsync, overwrite, initial):
+def test_every_interleaving(tmp_path, template, overwrite, initial):
     """Two or three runs (``o``: with overwrite), on a fresh path or an existing store, in every order."""
     for n, order in enumerate(orders(len(overwrite))):
         play(tmp_path / f"case{n}", template, order, overwrite, initial)
@@ -409,7 +421,7 @@ def test_a_store_from_before_versions_is_read_and_replaced_safely(tmp_path, temp
 
 # ----------------------------------------------------------------------------------- versions and clean-up
 
-def test_keep_versions_and_leftovers_of_killed_clean_ups(tmp_path, template, no_fsync):
+def test_keep_versions_and_leftovers_of_killed_clean_ups(tmp_path, template):
     path = tmp_path / "s.zarr"
     made = [writer(path, template, f"run{i}", overwrite=True, keep_versions=2)() for i in range(5)]
     assert versions(path) == sorted(v.id for v in made[-3:])  # the current one and the two newest before it

@@ -368,6 +368,7 @@ def test_losing_the_scheduler_mid_run_names_it():
         cfg = Config.from_dict({"cluster": {"scheduler": address, "connect_timeout": CONNECT}}).cluster
         with pytest.raises(ClusterError) as err, connect(cfg) as client:
             threading.Timer(0.5, local.close).start()
-            client.submit(time.sleep, 5, pure=False).result()
+            # Running when the scheduler goes (the threaded worker's close waits for it to end).
+            client.submit(time.sleep, 2.5, pure=False).result()
     assert str(err.value) == (f"scheduler {address}: the connection to it was lost during the run (was it stopped, "
                               f"or its machine lost?)")

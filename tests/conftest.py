@@ -20,12 +20,17 @@ import pytest
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
-# Worker processes of the LocalClusters started here (the session's and the tests' own) fork from a server that
-# has imported distributed and the package, instead of each spawning an interpreter that imports them (~2 s of
-# CPU a worker).  The commands the tests run start theirs as a user's do.
 from helpers import fork_server  # noqa: E402  (tests/ is on sys.path, as for every test module)
 
-fork_server()
+
+def pytest_configure(config):
+    """Worker processes of the LocalClusters started here (the session's and the tests' own) fork from a server
+    that has imported distributed and the package, instead of each spawning an interpreter that imports them
+    (~2 s of CPU a worker); the commands the tests run start theirs as a user's do.  Set up in each process that
+    runs tests, not in pytest-xdist's controller, which runs none."""
+    xdist_controller = not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
+    if not xdist_controller:
+        fork_server()
 
 
 @pytest.fixture(autouse=True)

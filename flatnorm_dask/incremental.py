@@ -32,7 +32,6 @@ The store's record of a filter is held whole by the tasks that compare partition
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any

@@ -33,6 +33,41 @@ def pytest_configure(config):
         fork_server()
 
 
+def _dask_settings() -> dict:
+    """dask's config as flat ``{dotted key: value}``."""
+    import dask
+
+    flat = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", dask.config.config)
+    return flat
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dask_config_at_start() -> dict:
+    """dask's config before any other fixture of the session (autouse: set up first in its scope)."""
+    return _dask_settings()
+
+
+@pytest.fixture(autouse=True)
+def dask_config_left_as_found(dask_config_at_start):
+    """No test, nor a fixture of any scope it starts, leaves dask's global config changed: a setting left
+    behind changes what every later test of the process runs with.  Keys a first import adds (a library's
+    defaults) are not changes."""
+    yield
+    before, after = dask_config_at_start, _dask_settings()
+    changed = {key: (value, after.get(key, "(removed)")) for key, value in before.items() if after.get(key, value) != value
+               or key not in after}
+    assert not changed, f"dask config changed by this test (before, after): {changed}"
+
+
 @pytest.fixture(autouse=True)
 def fsyncs(monkeypatch) -> list:
     """The paths a commit in the test's process asks to flush, recorded instead of flushed.
@@ -59,8 +94,11 @@ def dask_cluster():
 
     from flatnorm_dask.cluster import QUIET_DASK
 
-    with dask.config.set(QUIET_DASK), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    # Set while it is made (its servers read them then, and pass them to the worker processes), not for the
+    # session: tests that start a cluster of their own must see dask's config as a user's run does.
+    with dask.config.set(QUIET_DASK):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    with cluster:
         yield cluster
 
 

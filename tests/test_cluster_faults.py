@@ -26,9 +26,10 @@ from flatnorm_dask.config import Config, ConfigError, load_config
 from flatnorm_dask.simulate import simulate_campaign, write_campaign
 
 #: cluster.connect_timeout in these tests (seconds); a case may take it, plus the second of slack
-#: check_scheduler allows, plus the run's own start (reading the manifest, imports already done).
+#: check_scheduler allows, plus the run's own start (reading the manifest, imports already done): SLACK.
 CONNECT = 1.0
-BOUND = CONNECT + 4.0
+SLACK = 4.0
+BOUND = CONNECT + SLACK
 
 
 @pytest.fixture(autouse=True)
@@ -127,8 +128,10 @@ def run_cli(capsys, manifest, tmp_path, *flags):
 
 
 #: The connection timeout of the cases that answer at once (a hang-up, a reply): generous, so that a loaded
-#: machine's slow connect is not mistaken for no answer; they must still end within BOUND.
-AT_ONCE = 30.0
+#: machine's slow connect is not mistaken for no answer.  They usually end within a second, but may take the
+#: whole timeout: distributed retries (with a growing back-off) a connection the server closed before its
+#: connect returned, which happens when the machine is loaded.
+AT_ONCE = 10.0
 NOT_DASK = (r"it accepted the connection but sent nothing within 1 s: not a Dask scheduler \(a web server, such "
             r"as the dashboard's port, waits for a request\), or one too busy to answer")
 SCHEDULERS = {
@@ -147,16 +150,17 @@ SCHEDULERS = {
 @pytest.mark.parametrize("kind", sorted(SCHEDULERS))
 def test_a_scheduler_address_that_is_no_scheduler_ends_in_one_line(kind, manifest, tmp_path, capsys, request):
     start_server, reason, *timeout = SCHEDULERS[kind]
+    timeout = timeout[0] if timeout else CONNECT
     server_cluster = request.getfixturevalue("dask_cluster") if kind == "dashboard" else None
     with start_server(server_cluster) as address:
         status, line, elapsed = run_cli(capsys, manifest, tmp_path, "--scheduler", address,
-                                        "--connect-timeout", *(timeout or [CONNECT]))
+                                        "--connect-timeout", timeout)
     assert status == 1
     assert line.startswith(f"flatnorm: error: scheduler {address}: ")
     assert line.endswith(" (cluster.connect_timeout)")
     assert re.search(reason, line), line
     assert "EiB" not in line and "allocate" not in line
-    assert elapsed < BOUND, elapsed
+    assert elapsed < timeout + SLACK, elapsed
     assert not (tmp_path / "out.zarr").exists() and os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 

@@ -126,7 +126,8 @@ def test_slurm_config_gives_a_job_script(tmp_path, monkeypatch, clean_dask_env):
 
     monkeypatch.chdir(tmp_path)  # the cluster creates its log directory here
     cfg = load_config(CONFIGS / "slurm.yaml")
-    with dask.config.set({**cfg.dask_settings(), "distributed.scheduler.dashboard.address": ":0"}):
+    # dask-jobqueue's scheduler takes its dashboard port from its own options (8787 may be taken here)
+    with dask.config.set({**cfg.dask_settings(), "jobqueue.slurm.scheduler-options": {"dashboard_address": ":0"}}):
         script = job_script(cfg.cluster)
     assert "#SBATCH -p normal" in script and "#SBATCH --mem=64G" in script and "#SBATCH -t 02:00:00" in script
     with pytest.raises(ValueError, match=r"cluster.scheduler is 'local': a job script needs a job-queue kind"):

@@ -631,13 +631,12 @@ def _seal(staging: Path) -> None:
     # a caller's warnings.catch_warnings(); a catch_warnings() here would not be thread-safe, and commits run in
     # threads of one process (a notebook, the tests).
     warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
-    zarr.consolidate_metadata(str(staging), zarr_format=3)
+    # The root group as consolidated: its groups are listed from the consolidated metadata (no directory
+    # listing, which would also meet the manifest), and the attribute update rewrites it with that metadata.
+    root = zarr.consolidate_metadata(str(staging), zarr_format=3)
     keys = _seal_files(staging)
-    # Listed before the manifest is written: zarr warns about a file it does not know in a group's listing.
-    groups = sorted(zarr.open_group(str(staging), mode="r", use_consolidated=False).group_keys())
-    record = _commit_record(groups, _write_manifest(staging, keys))
-    # Opened through the consolidated metadata, so the attribute update keeps it.
-    zarr.open_group(str(staging), mode="r+").attrs.update({COMMIT_ATTR: record})
+    record = _commit_record(sorted(root.group_keys()), _write_manifest(staging, keys))
+    root.attrs.update({COMMIT_ATTR: record})
     _fsync(staging / "zarr.json")  # the marker itself, before the rename makes it visible
     _fsync(staging)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .ingest import ABSENT, FILE_RECORD, _chunk_sizes
+from .ingest import ABSENT, FILE_RECORD, grid_chunks
 from .listing import FileTable, file_identities
 
 __all__ = ["ABSENT_FILL", "NAMED_VANISHED", "HeldFiles", "MergePlan", "MergeSpec", "PartReport", "StoredGroup",
@@ -216,7 +216,7 @@ class MergePlan:
     @property
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The chunk sizes along detector and along exposure."""
-        return _chunk_sizes(len(self.detectors), self.det_chunk), _chunk_sizes(len(self.exposures), self.exp_chunk)
+        return grid_chunks(len(self.detectors), len(self.exposures), self.det_chunk, self.exp_chunk)
 
     def without_links(self, block_cells: int) -> MergePlan:
         """The same grid with every chunk merged (when the store's chunks cannot be taken as they are)."""

@@ -116,7 +116,7 @@ class Grid:
 
     @property
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return _chunk_sizes(len(self.detectors), self.det_chunk), _chunk_sizes(len(self.exposures), self.exp_chunk)
+        return grid_chunks(len(self.detectors), len(self.exposures), self.det_chunk, self.exp_chunk)
 
     def blocks_of(self, detectors: np.ndarray, exposures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Block rows and columns holding some (detector, exposure) ids."""
@@ -124,8 +124,14 @@ class Grid:
                 np.searchsorted(self.exposures, exposures) // self.exp_chunk)
 
 
-def _chunk_sizes(n: int, size: int) -> tuple[int, ...]:
-    return tuple(min(size, n - start) for start in range(0, n, size))
+def grid_chunks(n_detectors: int, n_exposures: int, det_chunk: int, exp_chunk: int
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The chunk sizes along detector and along exposure of a grid cut into ``det_chunk`` x ``exp_chunk``
+    blocks (the last ones smaller), as dask and zarr give them."""
+    def sizes(n: int, size: int) -> tuple[int, ...]:
+        return tuple(min(size, n - start) for start in range(0, n, size))
+
+    return sizes(n_detectors, det_chunk), sizes(n_exposures, exp_chunk)
 
 
 def _grids(summaries: Sequence[PartSummary], batch_size: int) -> list[Grid]:

@@ -22,6 +22,8 @@ sys.dont_write_bytecode = False
 
 from helpers import fork_server  # noqa: E402  (tests/ is on sys.path, as for every test module)
 
+import gc  # noqa: E402
+
 
 def pytest_configure(config):
     """Worker processes of the LocalClusters started here (the session's and the tests' own) fork from a server
@@ -66,6 +68,17 @@ def dask_config_left_as_found(dask_config_at_start):
     changed = {key: (value, after.get(key, "(removed)")) for key, value in before.items() if after.get(key, value) != value
                or key not in after}
     assert not changed, f"dask config changed by this test (before, after): {changed}"
+
+
+def pytest_collection_finish(session):
+    """Python's cyclic garbage collector, for a test process: what is alive once the tests are collected
+    (pytest, the libraries, the test modules: hundreds of thousands of objects that live to the end) is left
+    out of its collections (``gc.freeze``), and young objects are collected every 10,000 allocations rather
+    than 700.  Every object is still freed as before when nothing refers to it; a cycle is freed a little
+    later.  Measured on four of the heaviest modules: 10.7 s of collections down to 4.2 s."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 @pytest.fixture(autouse=True)

@@ -56,8 +56,8 @@ def stamped(*args, **kwargs):
 logging.setLogRecordFactory(stamped)
 logging.basicConfig(level=logging.INFO, format="%(monotonic).3f %(name)s %(levelname)s: %(message)s")
 logging.getLogger("flatnorm_dask").setLevel(logging.DEBUG)
-from flatnorm_dask.cli import main
-sys.exit(main(sys.argv[1:]))
+from flatnorm_dask.cli import console
+console()
 """
 #: A run's phases, each ending at the first log line whose message starts with its marker (the last one at the
 #: process's end).

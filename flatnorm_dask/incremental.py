@@ -127,7 +127,7 @@ def split_part(table: FileTable, held: HeldFiles) -> tuple[FileTable, PartReport
     read = np.ones(len(table), dtype=bool)
     added = reread = replaced = 0
     seen, examples = {}, []
-    for name in np.unique(table.physical_filter.astype(str)) if len(table) else ():
+    for name in table.filters():
         rows = np.flatnonzero(table.physical_filter == name)
         if name not in held.detectors:  # a new filter
             added += len(rows)
@@ -155,7 +155,7 @@ def split_part(table: FileTable, held: HeldFiles) -> tuple[FileTable, PartReport
         moved = ~new & ~same
         replaced += int(moved.sum())
         examples += [(str(held_path[k]), str(table.path[rows[k]])) for k in np.flatnonzero(moved)[:3]]
-        seen[str(name)] = np.unique(cell[inside])
+        seen[name] = cells
     kept = table.take(read)
     kept = dataclasses.replace(kept, problems=table.problems, n_listed=table.n_listed, seen=table.seen)
     return kept, PartReport(len(table), added, reread, replaced, seen, tuple(examples[:3]))

@@ -576,6 +576,13 @@ class _Appender:
         self.groups = list((read_commit(base.path) or {}).get("groups", []))
         self.reports: list[PartReport] = []
         self.vanished: tuple[int, list[dict[str, Any]], int] = (0, [], 0)
+        self._stored: xr.DataTree | None = None
+
+    def stored(self) -> xr.DataTree:
+        """The version appended to, opened lazily (:func:`flatnorm_dask.store.open_store`), once."""
+        if self._stored is None:
+            self._stored = open_store(self.base)
+        return self._stored
 
     def restrict(self, parts: list[Any], summarise: Callable[[Any], Any]) -> tuple[list[Any], list[Any], int]:
         from operator import getitem
@@ -587,10 +594,14 @@ class _Appender:
         (held,) = dask.persist(dask.delayed(held_files, pure=False)(self.base))
         split = dask.persist(*[dask.delayed(split_part, pure=False)(part, held) for part in parts])
         kept = list(dask.persist(*[dask.delayed(getitem)(s, 0) for s in split]))
-        reports = [dask.delayed(getitem)(s, 1) for s in split]
-        vanished = dask.delayed(vanished_files, pure=False)(held, reports)
-        summaries, self.reports, self.vanished = dask.compute(
-            [dask.delayed(summarise, pure=False)(part) for part in kept], reports, vanished)
+        reports = list(dask.persist(*[dask.delayed(getitem)(s, 1) for s in split]))
+        (vanished,) = dask.persist(dask.delayed(vanished_files, pure=False)(held, reports))
+        summaries = dask.persist(*[dask.delayed(summarise, pure=False)(part) for part in kept])
+        # While a cluster's workers list and compare (all of it submitted), this process opens the version for
+        # the merge (the first use of dask.array, whose import alone is a few tenths of a second): work that
+        # would otherwise wait for theirs.
+        self.stored()
+        summaries, self.reports, self.vanished = dask.compute(list(summaries), reports, vanished)
         return kept, list(summaries), sum(r.n_listed for r in self.reports)
 
     def report(self, campaign: Campaign) -> AppendReport:
@@ -742,7 +753,7 @@ def _append_read_solve_write(cfg: Config, campaign: Campaign, appender: _Appende
     files merged per filter, the filters with new reads solved again (warm-started from the store's G), the
     others copied as they are; the store is committed by the caller."""
     inp, solve = cfg.input, cfg.solve
-    stored = open_store(appender.base)
+    stored = appender.stored()
     base = group_datasets(stored)
     for name, ds in base.items():
         if ds.attrs.get("level") != solve.level:

@@ -194,11 +194,21 @@ def _check_memory_limit(memory_limit: str | int | float, threads: int) -> None:
 
 
 def _jobqueue_class(kind: str):
+    import signal
+    import threading
+
+    # dask_jobqueue (0.9) replaces the process's SIGINT handler when first imported, with one that calls
+    # sys.exit(): a Ctrl-C would then end the run with status 0, as if it had succeeded, and without a word.
+    # The handler in place before (the command's own, see cli) is put back.
+    handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         import dask_jobqueue
         from dask_jobqueue.local import LocalCluster as JobQueueLocalCluster
     except ImportError:
         raise RuntimeError(f"cluster kind {kind!r} needs dask-jobqueue: pip install 'flatnorm-dask[jobqueue]'") from None
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
     return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
             "sge": dask_jobqueue.SGECluster, "lsf": dask_jobqueue.LSFCluster,
             "htcondor": dask_jobqueue.HTCondorCluster, "jobqueue-local": JobQueueLocalCluster}[kind]

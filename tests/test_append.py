@@ -265,8 +265,14 @@ def test_an_interrupted_append_leaves_the_store_as_it_was(small, monkeypatch, ca
             time.sleep(5)
 
     monkeypatch.setattr(transaction, "_pause_at", stop)
-    assert cli.main(["run", "--input", str(root), "--pattern", SIMPLE_PATTERN, "--no-progress", "--level", "AMP",
-                     "--append", str(store)]) == status
+    # SIGINT as in a terminal: a suite started in the background (by a script's "&") inherits it ignored, and
+    # the command rightly leaves an ignored SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["run", "--input", str(root), "--pattern", SIMPLE_PATTERN, "--no-progress", "--level",
+                         "AMP", "--append", str(store)]) == status
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip().splitlines()[-1] == line
     unchanged(store, version)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import dask
 import pytest
 import yaml
 
-from helpers import error_line  # noqa: E402
+from helpers import Command, error_line  # noqa: E402
 from flatnorm_dask.config import OPTIONS, SECTIONS, Config, ConfigError, load_config, render_default_yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -473,6 +474,44 @@ def test_demo_filters_are_checked_when_given(capsys):
     assert exit_.value.code == 2
     assert f"argument --filters: unknown LSSTCam filter 'x_1' (choose from {', '.join(LSSTCAM_FILTERS)})" \
         in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_job_queue_run_with_the_status_of_an_interrupted_one(tmp_path):
+    """Importing dask-jobqueue replaces the process's SIGINT handler (with one that calls sys.exit(), which
+    would end the run with status 0, as if it had succeeded): a run on a job queue keeps its own."""
+    pytest.importorskip("dask_jobqueue")
+    import time
+
+    from flatnorm_dask.simulate import SIMPLE_PATTERN, simulate_campaign, write_campaign
+
+    root = tmp_path / "in"
+    write_campaign(simulate_campaign("lsstcam", n_detectors=2, n_exposures=2, filters=("r_57",), seed=5), root,
+                   layout="simple")
+    bin_dir, asked = tmp_path / "bin", tmp_path / "sbatch-was-asked"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", f"touch {asked}\necho 'Submitted batch job 4242'"), ("scancel", "true"),
+                       ("squeue", "true")):  # a queue that takes the job and never starts it
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text("cluster:\n  scheduler: slurm\n  n_workers: 1\n  wait_timeout: 120\n"
+                   "dask:\n  jobqueue:\n    slurm:\n      cores: 1\n      memory: 1GiB\n"
+                   f"      log-directory: {tmp_path / 'logs'}\n"
+                   "      scheduler-options: {dashboard_address: ':0'}\n")
+    out = tmp_path / "out.zarr"
+    command = Command(["run", cfg, "--input", root, "--pattern", SIMPLE_PATTERN, "--output", out, "--no-progress"],
+                      env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, capture=True)
+    deadline = time.monotonic() + 60
+    while not asked.exists():  # the job submitted: the run is waiting for its worker
+        assert command.poll() is None, command.communicate()
+        assert time.monotonic() < deadline, "no job was submitted"
+        time.sleep(0.05)
+    command.send_signal(signal.SIGINT)
+    status = command.wait(60)
+    _, err = command.communicate()
+    assert (status, err.strip().splitlines()[-1:]) == (130, ["flatnorm: interrupted (SIGINT)"]), err
+    assert not out.exists()
 
 
 def test_a_job_queue_without_workers_fails_in_one_line_and_is_shut_down(tmp_path, monkeypatch, clean_dask_env):

@@ -32,13 +32,6 @@ SLACK = 4.0
 BOUND = CONNECT + SLACK
 
 
-@pytest.fixture(autouse=True)
-def any_dashboard_port():
-    """Clusters started here take a free dashboard port (8787 may be taken: no warning)."""
-    with dask.config.set({"distributed.scheduler.dashboard.address": ":0"}):
-        yield
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     tree = simulate_campaign("lsstcam", n_detectors=2, n_exposures=3, filters=("r_57",), seed=31)

@@ -24,6 +24,8 @@ def test_notebook_executes_on_a_demo_store(tmp_path, monkeypatch):
     assert main(["--quiet", "demo", "--workdir", str(tmp_path), "--detectors", "18", "--exposures", "6",
                  "--filters", "i_39", "--workers", "1", "--no-progress"]) == 0
     monkeypatch.setenv("FLATNORM_STORE", str(tmp_path / "scales.zarr"))
+    # The kernel's temporary directories (the comparison's campaigns) in the test's, not left in /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

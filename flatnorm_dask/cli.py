@@ -384,16 +384,17 @@ def _error_text(err: Exception) -> str:
     return f"{detail} (unexpected, without an explanation: --debug shows where it happened)"
 
 
-def console() -> NoReturn:
-    """The ``flatnorm`` console script and ``python -m flatnorm_dask.cli``: :func:`main` on the process's command
-    line, then the process ends with its status.
+def console(argv: list[str] | None = None, *, scheduler: str | None = None) -> NoReturn:
+    """The ``flatnorm`` console script, ``python -m flatnorm_dask.cli`` and the ``workflows/`` scripts:
+    :func:`main` (on the process's command line unless ``argv`` is given), then the process ends with its
+    status.
 
     Before it ends, every object is frozen out of the garbage collector (``gc.freeze``): the interpreter's
     last collection would otherwise walk all the objects of the libraries a run imports (xarray, zarr, dask,
     distributed), about 0.3 s of every command, to free memory the process is giving back anyway.  Exit
     handlers still run and the standard streams are still flushed; the command's own files are closed by then.
     """
-    status = main()
+    status = main(argv, scheduler=scheduler)
     gc.freeze()
     sys.exit(status)
 

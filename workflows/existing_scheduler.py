@@ -11,9 +11,9 @@ is started or stopped: the scheduler and its workers stay up for the next run.
 
 import sys
 
-from flatnorm_dask.cli import main
+from flatnorm_dask.cli import console
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit(__doc__)
-    sys.exit(main(["run", *sys.argv[2:]], scheduler=sys.argv[1]))
+    console(["run", *sys.argv[2:]], scheduler=sys.argv[1])

@@ -9,7 +9,7 @@ per core: parsing holds the GIL) unless ``--workers`` or the config's ``cluster`
 
 import sys
 
-from flatnorm_dask.cli import main
+from flatnorm_dask.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]], scheduler="local"))
+    console(["run", *sys.argv[1:]], scheduler="local")

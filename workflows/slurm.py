@@ -15,7 +15,7 @@ config and flags as the run.
 import argparse
 import sys
 
-from flatnorm_dask.cli import main
+from flatnorm_dask.cli import console
 from flatnorm_dask.cluster import JOBQUEUE_KINDS
 
 if __name__ == "__main__":
@@ -24,4 +24,4 @@ if __name__ == "__main__":
     parser.add_argument("--print-job-script", action="store_true")
     known, rest = parser.parse_known_args()
     command = "job-script" if known.print_job_script else "run"
-    sys.exit(main([command, *rest], scheduler=known.kind))
+    console([command, *rest], scheduler=known.kind)

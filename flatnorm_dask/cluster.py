@@ -195,7 +195,6 @@ def _check_memory_limit(memory_limit: str | int | float, threads: int) -> None:
 
 def _jobqueue_class(kind: str):
     import signal
-    import threading
 
     # dask_jobqueue (0.9) replaces the process's SIGINT handler when first imported, with one that calls
     # sys.exit(): a Ctrl-C would then end the run with status 0, as if it had succeeded, and without a word.

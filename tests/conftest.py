@@ -38,8 +38,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one test process more than this machine has cores, as some tests
     mostly wait (for a timeout, a signalled command, a kernel): measured on 2 cores, the suite took 137 s in 3
     processes against 149 s in 2.  ``--maxprocesses`` still caps it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores + 1
+    from flatnorm_dask.cluster import _cores  # the cores a LocalCluster of flatnorm's would use
+
+    return _cores() + 1
 
 
 def _dask_settings() -> dict:
